@@ -1,0 +1,1 @@
+"""The node agent: probe, advertise, cache, execute, batch, admit."""

@@ -1,0 +1,1 @@
+"""Control plane: store, placement, reconcile, router, API, CLI."""

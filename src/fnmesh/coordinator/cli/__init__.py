@@ -1,0 +1,1 @@
+"""The `fnmesh` command line."""

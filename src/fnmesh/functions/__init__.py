@@ -1,0 +1,1 @@
+"""The function contract: bundle format, invocation messages, example functions."""

@@ -1,0 +1,1 @@
+"""Example functions built from data that ships with scikit-learn."""
