@@ -1,0 +1,26 @@
+"""The ``fnmesh`` command: one CLI, verbs per job."""
+
+from __future__ import annotations
+
+import click
+
+from fnmesh import __version__
+from fnmesh.coordinator.cli.bench_cmd import bench
+from fnmesh.coordinator.cli.bundle_cmd import bundle
+from fnmesh.coordinator.cli.certs_cmd import certs
+from fnmesh.coordinator.cli.common import MeshGroup
+
+
+@click.group(cls=MeshGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fnmesh")
+def cli() -> None:
+    """fnmesh: serverless AI functions across edge devices and cloud GPU nodes."""
+
+
+cli.add_command(certs)
+cli.add_command(bundle)
+cli.add_command(bench)
+
+
+def main() -> None:
+    cli(prog_name="fnmesh")
