@@ -215,7 +215,9 @@ class FleetCA:
         if namespace:
             general.append(x509.UniformResourceIdentifier(NAMESPACE_URI + namespace))
         if enc_public is not None:
-            raw = enc_public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            raw = enc_public.public_bytes(
+                serialization.Encoding.Raw, serialization.PublicFormat.Raw
+            )
             general.append(x509.UniformResourceIdentifier(X25519_URI + raw.hex()))
         builder = (
             x509.CertificateBuilder()

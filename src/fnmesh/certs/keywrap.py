@@ -23,11 +23,15 @@ def wrap(data_key: bytes, recipient: X25519PublicKey, bound_to: bytes) -> bytes:
     return _SUITE.encrypt(data_key, recipient, info=_INFO + bound_to)
 
 
-def unwrap(wrapped: bytes, key: X25519PrivateKey, bound_to: bytes, *, suite: str = SUITE_NAME) -> bytes:
+def unwrap(
+    wrapped: bytes, key: X25519PrivateKey, bound_to: bytes, *, suite: str = SUITE_NAME
+) -> bytes:
     """Recover a data key; fails if it was wrapped for someone else or for another bundle."""
     if suite != SUITE_NAME:
         raise KeyWrapError(f"unknown key wrapping suite {suite!r}")
     try:
         return _SUITE.decrypt(wrapped, key, info=_INFO + bound_to)
     except (InvalidTag, ValueError) as e:
-        raise KeyWrapError("data key does not unwrap with this key (not a recipient, or tampered)") from e
+        raise KeyWrapError(
+            "data key does not unwrap with this key (not a recipient, or tampered)"
+        ) from e

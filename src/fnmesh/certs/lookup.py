@@ -17,7 +17,9 @@ def identity(home: Home, role: Role, name: str) -> Identity:
     cn = common_name(role, name)
     d = home.identity_dir(cn)
     if not d.exists():
-        raise IdentityError(f"no identity {cn} in {home.root} (fnmesh certs issue {role.value} ...)")
+        raise IdentityError(
+            f"no identity {cn} in {home.root} (fnmesh certs issue {role.value} ...)"
+        )
     return load_identity(d)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from fnmesh.certs.errors import IdentityError, RevokedError, TrustError
@@ -95,14 +96,20 @@ class TrustStore:
                 raise TrustError(f"certificate {info.cn} is not allowed for {purpose._name}")
         return info
 
-
     def _chain(self, cert: x509.Certificate) -> CertInfo:
-        key = cert.tbs_certificate_bytes + cert.signature
+        # Keyed on the whole DER: the outer signature algorithm is not covered
+        # by the signature, so tbs + signature alone would let a changed
+        # certificate ride on an earlier check.
+        key = cert.public_bytes(serialization.Encoding.DER)
         hit = self._chain_ok.get(key)
         if hit is not None:
             return hit
-        if cert.issuer != self.ca.subject:
-            raise TrustError(f"certificate issuer {cert.issuer.rfc4514_string()} is not the fleet CA")
+        try:
+            issuer = cert.issuer
+        except ValueError as e:  # names are parsed lazily
+            raise TrustError(f"certificate issuer does not parse: {e}") from e
+        if issuer != self.ca.subject:
+            raise TrustError(f"certificate issuer {issuer.rfc4514_string()} is not the fleet CA")
         try:
             cert.verify_directly_issued_by(self.ca)
         except (ValueError, TypeError, InvalidSignature) as e:

@@ -156,7 +156,9 @@ class Bundle:
             self.manifest_bytes, m, parse_signatures(self.signatures_bytes), trust, at=when
         )
         if when < m.not_before:
-            raise ExpiredError(f"bundle {m.name}@{m.version} is not valid before {m.not_before.isoformat()}")
+            raise ExpiredError(
+                f"bundle {m.name}@{m.version} is not valid before {m.not_before.isoformat()}"
+            )
         if when > m.not_after:
             raise ExpiredError(f"bundle {m.name}@{m.version} expired at {m.not_after.isoformat()}")
         if len(self.ciphertext) != m.digests.plaintext_size + 16:
@@ -300,7 +302,9 @@ def build(
     else:
         if not gpu_arch:
             raise ManifestError("a TensorRT plan needs the GPU architecture it was built for")
-        raise ManifestError("TensorRT plans need --input/--output specs (not supported by build yet)")
+        raise ManifestError(
+            "TensorRT plans need --input/--output specs (not supported by build yet)"
+        )
     limits: dict[str, object] = {}
     for k, v in (
         ("max_batch", max_batch),

@@ -42,5 +42,7 @@ def tree_sha256(data: bytes | memoryview) -> str:
         # One contiguous span per worker keeps task overhead to a few calls.
         per = -(-len(chunks) // _WORKERS)
         spans = [chunks[i : i + per] for i in range(0, len(chunks), per)]
-        leaves = [d for part in _get_pool().map(lambda s: [_leaf(c) for c in s], spans) for d in part]
+        leaves = [
+            d for part in _get_pool().map(lambda s: [_leaf(c) for c in s], spans) for d in part
+        ]
     return hashlib.sha256(b"".join(leaves)).hexdigest()

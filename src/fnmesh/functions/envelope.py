@@ -66,7 +66,11 @@ def parse_signatures(section: bytes) -> list[Signature]:
         obj = json.loads(section)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleFormatError(f"signatures section is not JSON: {e}") from e
-    if not isinstance(obj, dict) or set(obj) != {"signatures"} or not isinstance(obj["signatures"], list):
+    if (
+        not isinstance(obj, dict)
+        or set(obj) != {"signatures"}
+        or not isinstance(obj["signatures"], list)
+    ):
         raise BundleFormatError("signatures section must be {'signatures': [...]}")
     if canonical_json(obj) != section:
         raise BundleFormatError("signatures section is not in canonical form")
@@ -115,7 +119,9 @@ def verify_manifest(
             errors.append(f"signature by {info.cn} does not match the manifest bytes")
             continue
         if info.cn != manifest.publisher:
-            errors.append(f"manifest names publisher {manifest.publisher!r} but {info.cn} signed it")
+            errors.append(
+                f"manifest names publisher {manifest.publisher!r} but {info.cn} signed it"
+            )
             continue
         if info.namespace != manifest.namespace:
             errors.append(

@@ -77,7 +77,9 @@ def check_graph(model: onnx.ModelProto) -> None:
 def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
     tt = value.type.tensor_type
     if not value.type.HasField("tensor_type"):
-        raise GraphError(f"{value.name!r} is not a plain tensor (sequence/map outputs need ZipMap off)")
+        raise GraphError(
+            f"{value.name!r} is not a plain tensor (sequence/map outputs need ZipMap off)"
+        )
     try:
         dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type).name
     except (KeyError, ValueError) as e:
@@ -105,7 +107,8 @@ def _same(a: TensorSpec, b: TensorSpec) -> bool:
     if a.name != b.name or a.dtype != b.dtype or len(a.shape) != len(b.shape):
         return False
     return all(
-        x == y or (isinstance(x, str) and isinstance(y, str)) for x, y in zip(a.shape, b.shape, strict=True)
+        x == y or (isinstance(x, str) and isinstance(y, str))
+        for x, y in zip(a.shape, b.shape, strict=True)
     )
 
 

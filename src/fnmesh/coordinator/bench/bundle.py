@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from onnx import TensorProto, helper, numpy_helper
 

@@ -13,7 +13,9 @@ def bench() -> None:
 
 
 @bench.command("bundle")
-@click.option("--size-mb", "sizes", type=float, multiple=True, help="Model sizes (default 1 and 100).")
+@click.option(
+    "--size-mb", "sizes", type=float, multiple=True, help="Model sizes (default 1 and 100)."
+)
 @click.option("--repeat", type=int, default=5, show_default=True)
 @json_option
 def bundle_bench(sizes: tuple[float, ...], repeat: int, as_json: bool) -> None:

@@ -84,7 +84,9 @@ def build(
         data = b.to_bytes()
         write_atomic(Path(output), data)
     if as_json:
-        print_json({"bundle": output, "digest": b.digest, "size": len(data), "recipients": sorted(keys)})
+        print_json(
+            {"bundle": output, "digest": b.digest, "size": len(data), "recipients": sorted(keys)}
+        )
     else:
         console.print(
             f"built [bold]{name}@{version}[/bold] -> {output} ({len(data):,} bytes, "
@@ -125,7 +127,9 @@ def inspect(file: str, as_json: bool) -> None:
 @bundle.command("verify")
 @click.argument("file", type=click.Path(dir_okay=False))
 @home_option
-@click.option("--as", "as_", default=None, help="Also decrypt as this identity (CN) to check digests.")
+@click.option(
+    "--as", "as_", default=None, help="Also decrypt as this identity (CN) to check digests."
+)
 @json_option
 def verify(file: str, home: str | None, as_: str | None, as_json: bool) -> None:
     """Check chain, dates, revocation, namespace and digests; exit 0 or 1 with a reason."""
@@ -152,9 +156,7 @@ def verify(file: str, home: str | None, as_: str | None, as_json: bool) -> None:
         )
     else:
         extra = " and decrypts" if decrypted else ""
-        console.print(
-            f"ok: {b.manifest.name}@{b.manifest.version} signed by {publisher.cn}{extra}"
-        )
+        console.print(f"ok: {b.manifest.name}@{b.manifest.version} signed by {publisher.cn}{extra}")
 
 
 @bundle.command("rewrap")
@@ -173,4 +175,6 @@ def rewrap(file: str, for_: tuple[str, ...], output: str, home: str | None) -> N
     dk = b.data_key(coord.cn, coord.enc_key)
     nodes = dict(lookup.recipient(h, trust, Role.NODE, n) for n in for_)
     write_atomic(Path(output), b.rewrap(dk, nodes).to_bytes())
-    console.print(f"wrapped the key of {b.manifest.name}@{b.manifest.version} for {', '.join(nodes)}")
+    console.print(
+        f"wrapped the key of {b.manifest.name}@{b.manifest.version} for {', '.join(nodes)}"
+    )

@@ -24,8 +24,12 @@ def certs() -> None:
 
 @certs.command("init")
 @home_option
-@click.option("--san", "sans", multiple=True, help="Extra DNS name or IP for the coordinator and broker.")
-@click.option("--fleet", default="fnmesh", show_default=True, help="Fleet name (the CA's organisation).")
+@click.option(
+    "--san", "sans", multiple=True, help="Extra DNS name or IP for the coordinator and broker."
+)
+@click.option(
+    "--fleet", default="fnmesh", show_default=True, help="Fleet name (the CA's organisation)."
+)
 @json_option
 def init(home: str | None, sans: tuple[str, ...], fleet: str, as_json: bool) -> None:
     """Create the fleet CA, the coordinator, the broker and a first operator."""

@@ -67,3 +67,39 @@ class MeshCommand(click.Command):
 class MeshGroup(click.Group):
     command_class = MeshCommand
     group_class = type
+
+
+class _LogfmtFormatter:
+    """``ts=... level=... logger=... msg="..."``: one line per event, easy to grep and parse."""
+
+    def format(self, record: Any) -> str:
+        import time as _t
+
+        msg = record.getMessage().replace('"', "'")
+        line = (
+            f"ts={_t.strftime('%Y-%m-%dT%H:%M:%S', _t.gmtime(record.created))}Z "
+            f'level={record.levelname.lower()} logger={record.name} msg="{msg}"'
+        )
+        if record.exc_info:
+            import traceback
+
+            exc = "".join(traceback.format_exception(*record.exc_info)).strip().replace("\n", " | ")
+            line += f' exc="{exc}"'
+        return line
+
+
+def setup_logging(verbose: int) -> None:
+    """Quiet by default (warnings and errors); -v for info, -vv for debug."""
+    import logging
+
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogfmtFormatter())  # type: ignore[arg-type]
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("fnmesh").setLevel(level)
+
+
+def verbose_option(f: F) -> F:
+    return click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")(f)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from fnmesh import __version__
+from fnmesh.coordinator.cli.agent_cmd import agent
 from fnmesh.coordinator.cli.bench_cmd import bench
 from fnmesh.coordinator.cli.bundle_cmd import bundle
 from fnmesh.coordinator.cli.certs_cmd import certs
@@ -20,6 +21,7 @@ def cli() -> None:
 cli.add_command(certs)
 cli.add_command(bundle)
 cli.add_command(bench)
+cli.add_command(agent)
 
 
 def main() -> None:
