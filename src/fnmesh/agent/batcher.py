@@ -1,0 +1,135 @@
+"""Dynamic batching for one function.
+
+A request that finds the function idle is dispatched at once: batching never
+delays a lone request. Requests that arrive while a batch runs wait in a
+bounded queue and go together in the next batch, up to ``max_batch`` rows.
+With ``max_delay_s > 0`` a batch that is not full may wait that long (counted
+from its oldest request's arrival) for more rows, but only when the function
+is busy, never for a request that found it idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(slots=True, eq=False)
+class Pending:
+    """One admitted request waiting for, or in, a batch."""
+
+    inputs: dict[str, np.ndarray]
+    rows: int
+    received: float
+    deadline: float | None
+    done: Callable[[Any], None]
+    meta: Any = None
+    started: float = field(default=0.0)
+
+
+RunBatch = Callable[[list["Pending"]], Awaitable[None]]
+
+
+class Batcher:
+    """Gathers requests for one function into batches and runs them one at a time."""
+
+    def __init__(
+        self,
+        run: RunBatch,
+        *,
+        max_batch: int,
+        max_delay_s: float = 0.0,
+        max_queue: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._run = run
+        self.max_batch = max(1, max_batch)
+        self.max_delay_s = max_delay_s
+        self.max_queue = max_queue
+        self._clock = clock
+        self._queue: deque[Pending] = deque()
+        self.queued_rows = 0
+        self.running_rows = 0
+        self._task: asyncio.Task[None] | None = None
+        self._more = asyncio.Event()
+        self._busy_since_idle = False
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def full(self) -> bool:
+        return len(self._queue) >= self.max_queue
+
+    def submit(self, p: Pending) -> None:
+        """Queue ``p`` (the caller has checked :meth:`full`); start a batch if idle."""
+        self._queue.append(p)
+        self.queued_rows += p.rows
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._drain())
+        else:
+            self._more.set()
+
+    async def _drain(self) -> None:
+        first = True
+        while self._queue:
+            if not first and self.max_delay_s > 0 and self.queued_rows < self.max_batch:
+                await self._wait_for_more()
+            first = False
+            batch: list[Pending] = []
+            rows = 0
+            while self._queue and (not batch or rows + self._queue[0].rows <= self.max_batch):
+                p = self._queue.popleft()
+                batch.append(p)
+                rows += p.rows
+            self.queued_rows -= rows
+            self.running_rows = rows
+            try:
+                await self._run(batch)
+            finally:
+                self.running_rows = 0
+
+    async def _wait_for_more(self) -> None:
+        oldest = self._queue[0].received
+        while self.queued_rows < self.max_batch:
+            remaining = oldest + self.max_delay_s - self._clock()
+            if remaining <= 0:
+                return
+            self._more.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._more.wait(), remaining)
+
+    async def async_drain(self, timeout: float) -> bool:
+        """Wait until every queued request has run; False if ``timeout`` passed first."""
+        task = self._task
+        if task is None or task.done():
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    def take_all(self) -> list[Pending]:
+        """Remove and return everything queued (for answering it on shutdown)."""
+        items = list(self._queue)
+        self._queue.clear()
+        self.queued_rows = 0
+        return items
+
+    async def async_cancel(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

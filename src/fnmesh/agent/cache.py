@@ -1,0 +1,176 @@
+"""The node's bundle cache: bundles stored by digest, encrypted at rest.
+
+What is stored is the bundle as the node received it, reduced to the one data
+key wrapped for this node: the model stays AES-GCM ciphertext on disk, and its
+key is sealed to the node's X25519 key (``enc.key``, mode 0600). Every load
+verifies again (signature, chain, revocation, dates, digests) and decrypts
+into memory only; no plaintext byte is ever written.
+
+The cache also remembers, across restarts, the highest version it has run
+for each function: an older one is refused unless the caller passes a
+rollback order it has checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from fnmesh.agent.errors import AgentError
+from fnmesh.certs.home import write_atomic
+from fnmesh.certs.trust import TrustStore
+from fnmesh.functions.bundle import Bundle
+from fnmesh.functions.errors import BundleError
+from fnmesh.functions.manifest import Manifest, semver_key
+
+
+class RollbackError(BundleError):
+    """An older version than the highest already run, without a rollback order."""
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """A verified, decrypted function: the manifest and the model bytes (memory only)."""
+
+    manifest: Manifest
+    model: bytes
+    digest: str
+
+
+class BundleCache:
+    """Bundles by digest under ``root``, within a disk budget."""
+
+    def __init__(
+        self,
+        root: Path,
+        node_cn: str,
+        enc_key: X25519PrivateKey,
+        trust: TrustStore,
+        *,
+        budget_bytes: int = 2 << 30,
+    ) -> None:
+        self.root = root
+        self.node_cn = node_cn
+        self._key = enc_key
+        self.trust = trust
+        self.budget_bytes = budget_bytes
+        (root / "bundles").mkdir(parents=True, exist_ok=True)
+        self._versions_path = root / "versions.json"
+        self._versions: dict[str, str] = self._read_versions()
+
+    def path(self, digest: str) -> Path:
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise AgentError(f"not a bundle digest: {digest!r}")
+        return self.root / "bundles" / f"{digest}.fnb"
+
+    def has(self, digest: str) -> bool:
+        return self.path(digest).exists()
+
+    def put(self, data: bytes, *, pinned: set[str] | frozenset[str] = frozenset()) -> Bundle:
+        """Check and store a bundle; returns it. Nothing is stored that does not verify."""
+        bundle = Bundle.parse(data)
+        bundle.verify(self.trust)
+        if self.node_cn not in bundle.wrapped:
+            raise AgentError(
+                f"bundle {bundle.manifest.name}@{bundle.manifest.version} carries no key for {self.node_cn}"
+            )
+        # Prove the key unwraps (and the keys section is intact) before keeping it.
+        dk = bundle.data_key(self.node_cn, self._key)
+        mine = bundle.only_for(dk, self.node_cn, self._key.public_key())
+        path = self.path(bundle.digest)
+        if not path.exists():
+            write_atomic(path, mine.to_bytes(), mode=0o600)
+        self.cleanup(pinned | {bundle.digest})
+        return mine
+
+    def open(self, digest: str, *, allow_rollback: bool = False) -> Opened:
+        """Verify, then decrypt into memory. Refuses a version older than the highest run."""
+        path = self.path(digest)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as e:
+            raise AgentError(f"bundle {digest[:12]} is not in the cache") from e
+        os.utime(path)
+        bundle = Bundle.parse(data)
+        if bundle.digest != digest:
+            raise AgentError(f"cached file {path.name} holds bundle {bundle.digest[:12]}")
+        self.check_version(bundle.manifest, allow_rollback=allow_rollback)
+        model = bundle.open(self.trust, self.node_cn, self._key)
+        return Opened(bundle.manifest, model, digest)
+
+    def manifest(self, digest: str) -> Manifest:
+        """The manifest of a cached bundle, verified (no decryption)."""
+        bundle = Bundle.parse(self.path(digest).read_bytes())
+        bundle.verify(self.trust)
+        return bundle.manifest
+
+    # -- versions -----------------------------------------------------------------------
+
+    def check_version(self, manifest: Manifest, *, allow_rollback: bool) -> None:
+        highest = self._versions.get(manifest.name)
+        if (
+            highest is not None
+            and semver_key(manifest.version) < semver_key(highest)
+            and not allow_rollback
+        ):
+            raise RollbackError(
+                f"{manifest.name}@{manifest.version} is older than {highest}, already run here; "
+                "an operator-signed rollback order is needed"
+            )
+
+    def mark_run(self, manifest: Manifest) -> None:
+        """Remember that this version ran (call once it has loaded)."""
+        highest = self._versions.get(manifest.name)
+        if highest is None or semver_key(manifest.version) > semver_key(highest):
+            self._versions[manifest.name] = manifest.version
+            write_atomic(self._versions_path, json.dumps(self._versions, sort_keys=True).encode())
+
+    def highest(self, function_id: str) -> str | None:
+        return self._versions.get(function_id)
+
+    def _read_versions(self) -> dict[str, str]:
+        try:
+            data = json.loads(self._versions_path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            raise AgentError(f"{self._versions_path} is unreadable: {e}") from e
+        if not isinstance(data, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in data.items()
+        ):
+            raise AgentError(f"{self._versions_path} is not a map of versions")
+        return data
+
+    # -- disk budget --------------------------------------------------------------------
+
+    def usage(self) -> int:
+        return sum(p.stat().st_size for p in (self.root / "bundles").glob("*.fnb"))
+
+    def cleanup(self, pinned: set[str] | frozenset[str]) -> list[str]:
+        """Remove least recently used, unpinned bundles until the cache fits its budget."""
+        files = sorted(
+            ((p.stat().st_mtime, p) for p in (self.root / "bundles").glob("*.fnb")),
+            key=lambda t: t[0],
+        )
+        total = sum(p.stat().st_size for _, p in files)
+        removed = []
+        for _, p in files:
+            if total <= self.budget_bytes:
+                break
+            digest = p.stem
+            if digest in pinned:
+                continue
+            size = p.stat().st_size
+            p.unlink(missing_ok=True)
+            total -= size
+            removed.append(digest)
+        # Leftovers of writes interrupted by a crash are never valid bundles.
+        for tmp in (self.root / "bundles").glob(".*.tmp"):
+            if time.time() - tmp.stat().st_mtime > 60:
+                tmp.unlink(missing_ok=True)
+        return removed

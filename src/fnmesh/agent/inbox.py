@@ -1,0 +1,146 @@
+"""The node's MQTT inbox: ``{root}/nodes/{node}/invoke/{ns}/{name}`` in, ``replies/...`` out.
+
+The function is the topic's tail, never guessed from the payload. The reply
+topic is the MQTT 5 ResponseTopic, or ``reply_to`` in the payload (MQTT 3.1.1);
+it must lie under ``{root}/replies/``: any other is refused with a log line
+and a counter, so the mesh cannot be used to publish anywhere else. An answer
+goes out in the request's encoding and at its QoS, with its CorrelationData.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import paho.mqtt.client as mqtt
+
+from fnmesh.agent.metrics import AgentMetrics
+from fnmesh.agent.mqtt import MqttClient, properties
+from fnmesh.agent.service import InvocationService, Result
+from fnmesh.functions.errors import MessageError
+from fnmesh.functions.messages import (
+    Encoding,
+    ErrorCode,
+    ErrorReply,
+    Response,
+    encode_error,
+    encode_response,
+)
+
+if TYPE_CHECKING:
+    from paho.mqtt.properties import Properties
+
+log = logging.getLogger("fnmesh.agent.inbox")
+
+
+def encode_result(result: Result, encoding: Encoding) -> bytes:
+    """Bytes of an answer; an output the wire cannot carry becomes an ``internal`` error."""
+    if isinstance(result, Response):
+        try:
+            return encode_response(result, encoding)
+        except MessageError as e:
+            result = ErrorReply(result.id, ErrorCode.INTERNAL, f"cannot encode the outputs: {e}")
+    return encode_error(result, encoding)
+
+
+class MqttSink:
+    """The reply address of one MQTT request."""
+
+    __slots__ = ("_correlation", "_inbox", "_qos", "_response_topic", "topic")
+
+    def __init__(
+        self, inbox: Inbox, response_topic: str | None, correlation: bytes | None, qos: int
+    ):
+        self._inbox = inbox
+        self._response_topic = response_topic
+        self._correlation = correlation
+        self._qos = qos
+        self.topic: str | None = None
+
+    def accept(self, reply_to: str | None) -> bool:
+        topic = self._response_topic or reply_to
+        if not topic:
+            self._inbox.refuse("missing", "request has no reply topic (ResponseTopic or reply_to)")
+            return False
+        if not self._inbox.reply_allowed(topic):
+            self._inbox.refuse(
+                "outside", f"reply topic {topic[:200]!r} is outside {self._inbox.replies}"
+            )
+            return False
+        self.topic = topic
+        return True
+
+    def send(self, result: Result, encoding: Encoding) -> None:
+        assert self.topic is not None
+        payload = encode_result(result, encoding)
+        props = properties(content_type=encoding.content_type, correlation=self._correlation)
+        self._inbox.client.publish(self.topic, payload, self._qos, False, props)
+
+
+class Inbox:
+    """Subscribes to this node's invoke topic and feeds the invocation service."""
+
+    def __init__(
+        self,
+        client: MqttClient,
+        service: InvocationService,
+        metrics: AgentMetrics,
+        *,
+        root: str,
+        node: str,
+    ) -> None:
+        self.client = client
+        self.service = service
+        self.metrics = metrics
+        self.prefix = f"{root}/nodes/{node}/invoke/"
+        self.replies = f"{root}/replies/"
+
+    def start(self) -> None:
+        self.client.subscribe(self.prefix + "#", self._on_message, qos=1)
+
+    def reply_allowed(self, topic: str) -> bool:
+        return (
+            topic.startswith(self.replies)
+            and len(topic) > len(self.replies)
+            and "+" not in topic
+            and "#" not in topic
+            and "\x00" not in topic
+        )
+
+    def refuse(self, reason: str, message: str) -> None:
+        self.metrics.refused(reason)
+        log.warning("dropped a request: %s", message)
+
+    def _on_message(self, msg: mqtt.MQTTMessage) -> None:
+        received = time.monotonic()
+        props: Properties | None = getattr(msg, "properties", None)
+        response_topic = getattr(props, "ResponseTopic", None) if props else None
+        correlation = getattr(props, "CorrelationData", None) if props else None
+        content_type = getattr(props, "ContentType", None) if props else None
+        expiry = getattr(props, "MessageExpiryInterval", None) if props else None
+        sink = MqttSink(self, response_topic, correlation, msg.qos)
+        fid = msg.topic[len(self.prefix) :]
+        if fid.count("/") != 1:
+            if sink.accept(None):
+                sink.send(
+                    ErrorReply(
+                        "", ErrorCode.NOT_FOUND, f"topic {msg.topic!r} names no function ns/name"
+                    ),
+                    Encoding.JSON,
+                )
+            return
+        try:
+            self.service.submit(
+                fid,
+                msg.payload,
+                content_type,
+                sink,
+                received=received,
+                correlation_id=correlation.hex() if correlation else None,
+                expires=received + expiry if expiry else None,
+            )
+        except Exception:  # nothing a request carries may stop the inbox
+            log.exception("unexpected failure handling a request on %s", msg.topic)
+            if sink.topic is not None:
+                sink.send(ErrorReply("", ErrorCode.INTERNAL, "internal error"), Encoding.JSON)

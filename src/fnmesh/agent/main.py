@@ -1,0 +1,242 @@
+"""The node agent: wires cache, warm pool, invocation service, MQTT, HTTP and presence.
+
+Start-up order: identity and trust, bundle cache, warm pool, service, MQTT
+(with a Last Will that says offline), HTTP, then the functions it serves, then
+the status that says ready. Shutdown runs the other way, within a time limit:
+stop taking work, drain what was admitted, say offline, close transports,
+unload models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fnmesh.agent.cache import BundleCache
+from fnmesh.agent.executors import load_executor
+from fnmesh.agent.executors.base import Executor
+from fnmesh.agent.http import async_start_http, build_app
+from fnmesh.agent.inbox import Inbox
+from fnmesh.agent.metrics import AgentMetrics
+from fnmesh.agent.mqtt import MqttClient
+from fnmesh.agent.presence import Presence, offline_will
+from fnmesh.agent.probe import Hardware, probe
+from fnmesh.agent.service import InvocationService
+from fnmesh.agent.warm_pool import PoolKey, WarmPool, threaded
+from fnmesh.certs import lookup
+from fnmesh.certs.errors import IdentityError
+from fnmesh.certs.home import DEFAULT_TOPIC_ROOT, Home
+from fnmesh.certs.identity import Identity, Role
+from fnmesh.certs.tls import client_context, server_context
+from fnmesh.certs.trust import TrustStore
+from fnmesh.functions.bundle import Bundle
+
+log = logging.getLogger("fnmesh.agent")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """Everything an agent needs, read once at start-up."""
+
+    home: Path
+    name: str
+    broker: str
+    topic_root: str = DEFAULT_TOPIC_ROOT
+    labels: dict[str, str] = field(default_factory=dict)
+    http_host: str = "127.0.0.1"
+    http_port: int = 0
+    #: Warm pool budget; 0 = half of the usable memory.
+    memory_budget_mb: int = 0
+    idle_ttl_s: float = 300.0
+    max_queue: int = 1024
+    threads: int = 0
+    intra_op_threads: int = 1
+    heartbeat_s: float = 2.0
+    keepalive_s: int = 5
+    cache_budget_mb: int = 2048
+    serve: tuple[Path, ...] = ()
+    state_dir: Path | None = None
+
+    @property
+    def state(self) -> Path:
+        return self.state_dir or (self.home / "agent" / self.name)
+
+
+def parse_labels(text: str | None) -> dict[str, str]:
+    """``region=eu-west,site=lyon-1,tier=edge`` -> a dict."""
+    out: dict[str, str] = {}
+    for part in (text or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        k, sep, v = part.partition("=")
+        if not sep or not k.strip():
+            raise IdentityError(f"label {part!r} must be key=value")
+        out[k.strip()] = v.strip()
+    return out
+
+
+class Agent:
+    """One node agent, owned by one event loop."""
+
+    def __init__(self, cfg: AgentConfig, *, hardware: Hardware | None = None) -> None:
+        self.cfg = cfg
+        self.home = Home(cfg.home)
+        self.identity: Identity = lookup.identity(self.home, Role.NODE, cfg.name)
+        if self.identity.enc_key is None:
+            raise IdentityError(f"{self.identity.cn} has no encryption key (enc.key)")
+        self.trust = TrustStore.from_home(self.home)
+        self.trust.verify(self.identity.cert, role=Role.NODE)
+        self.hardware = hardware or probe()
+        self.metrics = AgentMetrics(cfg.name)
+        self.cache = BundleCache(
+            cfg.state / "cache",
+            self.identity.cn,
+            self.identity.enc_key,
+            self.trust,
+            budget_bytes=cfg.cache_budget_mb << 20,
+        )
+        budget = cfg.memory_budget_mb or max(256, self.hardware.memory_usable_mib // 2)
+        self.pool = WarmPool(budget << 20, cfg.idle_ttl_s, threaded(self._load))
+        cores = self.hardware.cores_logical or os.cpu_count() or 1
+        self.service = InvocationService(
+            cfg.name,
+            self.pool,
+            self.metrics,
+            threads=cfg.threads or max(1, cores),
+            max_queue=cfg.max_queue,
+        )
+        self.mqtt = MqttClient(
+            cfg.broker,
+            f"node.{cfg.name}",
+            ssl_context=client_context(self.identity, self.home.ca_cert),
+            keepalive=cfg.keepalive_s,
+            will=offline_will(cfg.topic_root, cfg.name, self.identity.cn),
+        )
+        self.inbox = Inbox(
+            self.mqtt, self.service, self.metrics, root=cfg.topic_root, node=cfg.name
+        )
+        self.presence = Presence(
+            self.mqtt,
+            root=cfg.topic_root,
+            node=cfg.name,
+            describe=self.describe,
+            load=self.load_report,
+            period_s=cfg.heartbeat_s,
+        )
+        self.http_port = 0
+        self._runner: Any = None
+        self._stopped = asyncio.Event()
+
+    # -- what this node says about itself -------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "node": self.cfg.name,
+            "cn": self.identity.cn,
+            "fingerprint": self.identity.info.fingerprint,
+            "labels": self.cfg.labels,
+            "hardware": {
+                "cores": self.hardware.cores_logical,
+                "memory_mib": self.hardware.memory_usable_mib,
+                "arch": self.hardware.arch,
+                "gpus": [g.name for g in self.hardware.gpus],
+                "gpu_arch": self.hardware.gpu_arch,
+                "providers": list(self.hardware.ort_providers),
+                "tensorrt": self.hardware.tensorrt_version,
+                "summary": self.hardware.summary(),
+            },
+            "http": f"https://{self.cfg.http_host}:{self.http_port}" if self.http_port else None,
+            "functions": {fid: s.manifest.version for fid, s in self.service.slots().items()},
+        }
+
+    def load_report(self) -> dict[str, Any]:
+        stats = self.pool.stats()
+        return {
+            "functions": self.service.load(),
+            "loaded": [f"{k[0]}@{k[1]}" for k in stats.loaded],
+            "pool_bytes": stats.bytes,
+        }
+
+    # -- loading --------------------------------------------------------------------
+
+    def _load(self, key: PoolKey) -> Executor:
+        """Verify, decrypt (memory only) and load a function. Runs on a worker thread."""
+        slot = self.service.slot_for_key(key)
+        if slot is None:
+            raise IdentityError(f"{key[0]}@{key[1]} is not assigned to this node")
+        opened = self.cache.open(slot.digest, allow_rollback=slot.allow_rollback)
+        ex = load_executor(
+            opened.model, opened.manifest, self.hardware, intra_op_threads=self.cfg.intra_op_threads
+        )
+        self.cache.mark_run(opened.manifest)
+        return ex
+
+    async def async_serve_bundle(self, data: bytes, *, prewarm: bool = True) -> Bundle:
+        """Store a bundle (it must carry a key for this node) and start serving it."""
+        loop = asyncio.get_running_loop()
+        pinned = {s.digest for s in self.service.slots().values()}
+        bundle = await loop.run_in_executor(None, lambda: self.cache.put(data, pinned=pinned))
+        self.cache.check_version(bundle.manifest, allow_rollback=False)
+        self.service.serve(bundle.manifest, bundle.digest)
+        if prewarm:
+            await self.pool.async_prewarm((bundle.manifest.name, bundle.manifest.version))
+        if self.mqtt.connected:
+            await self.presence.async_publish_status()
+        return bundle
+
+    # -- life cycle -----------------------------------------------------------------
+
+    async def async_start(self) -> None:
+        self.pool.start_sweeper(min(30.0, max(1.0, self.cfg.idle_ttl_s / 4)))
+        self.inbox.start()
+        self.mqtt.add_connect_hook(self.presence.async_publish_status)
+        app = build_app(self.service, self.metrics)
+        tls = server_context(self.identity, self.home.ca_cert, self.home.crl)
+        self._runner, self.http_port = await async_start_http(
+            app, self.cfg.http_host, self.cfg.http_port, tls
+        )
+        for path in self.cfg.serve:
+            await self.async_serve_bundle(path.read_bytes())
+        await self.mqtt.async_start()
+        self.presence.start()
+        log.info("agent %s ready (http port %d)", self.cfg.name, self.http_port)
+
+    async def async_stop(self, timeout: float = 10.0) -> None:
+        """Ordered, time-limited shutdown."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        self.service.stop_accepting()
+        await self.presence.async_stop()
+        await self.service.async_close(max(0.5, end - loop.time()) * 0.6)
+        if self.mqtt.connected:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.presence.async_publish_status("offline"), 2)
+        await self.mqtt.async_stop(timeout=max(0.5, end - loop.time()) / 2)
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.pool.async_close(max(0.5, end - loop.time()))
+        self._stopped.set()
+
+
+async def async_run(cfg: AgentConfig) -> None:
+    """Run an agent until SIGINT or SIGTERM."""
+    agent = Agent(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await agent.async_start()
+    try:
+        await stop.wait()
+    finally:
+        await agent.async_stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

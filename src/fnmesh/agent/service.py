@@ -1,0 +1,419 @@
+"""Invocation on one node, whatever carried the request (MQTT or HTTP).
+
+For each request: decode and check it against the function's inputs, refuse
+what cannot finish before its deadline, batch it with others for the same
+function, run the batch on a worker thread (never on the event loop), and
+answer each caller with its own slice. Every failure becomes an error reply
+naming what was wrong; nothing a caller sends can stop the service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from fnmesh.agent.admission import ServiceTime, admit
+from fnmesh.agent.batcher import Batcher, Pending, RunBatch
+from fnmesh.agent.metrics import AgentMetrics
+from fnmesh.agent.warm_pool import PoolKey, WarmPool
+from fnmesh.errors import MeshError
+from fnmesh.functions.manifest import Manifest
+from fnmesh.functions.messages import (
+    BadRequestError,
+    Encoding,
+    ErrorCode,
+    ErrorReply,
+    Response,
+    Timing,
+    decode_request,
+    validate_inputs,
+)
+
+log = logging.getLogger("fnmesh.agent")
+
+#: Payload limit applied before the function is known (an unknown function's request).
+DEFAULT_MAX_PAYLOAD = 1 << 20
+
+Result = Response | ErrorReply
+
+
+class Sink(Protocol):
+    """Where one request's answer goes (an MQTT reply topic, an HTTP response)."""
+
+    def accept(self, reply_to: str | None) -> bool:
+        """Called once the request is decoded as far as it goes; False drops it (no address)."""
+        ...
+
+    def send(self, result: Result, encoding: Encoding) -> None: ...
+
+
+@dataclass(slots=True)
+class Slot:
+    """One function served here: its manifest, bundle, batcher and service-time estimate."""
+
+    manifest: Manifest
+    digest: str
+    batcher: Batcher
+    allow_rollback: bool = False
+    stats: ServiceTime = field(default_factory=ServiceTime)
+    batchable: bool = True
+
+    @property
+    def key(self) -> PoolKey:
+        return (self.manifest.name, self.manifest.version)
+
+
+@dataclass(slots=True, eq=False)
+class _Meta:
+    id: str
+    sink: Sink
+    encoding: Encoding
+    spilled: bool
+
+
+def _batchable(m: Manifest) -> bool:
+    """Requests can be stacked only if every tensor has a symbolic leading (batch) axis."""
+    return all(s.shape and isinstance(s.shape[0], str) for s in (*m.inputs, *m.outputs))
+
+
+class InvocationService:
+    """Serves the functions assigned to this node."""
+
+    def __init__(
+        self,
+        node: str,
+        pool: WarmPool,
+        metrics: AgentMetrics,
+        *,
+        threads: int = 2,
+        max_queue: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.node = node
+        self.pool = pool
+        self.metrics = metrics
+        self.max_queue = max_queue
+        self._clock = clock
+        self._slots: dict[str, Slot] = {}
+        self._by_key: dict[PoolKey, Slot] = {}
+        self._threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fnmesh-run")
+        self._accepting = True
+
+    # -- what is served -------------------------------------------------------------
+
+    def slots(self) -> dict[str, Slot]:
+        return dict(self._slots)
+
+    def max_payload_for(self, function_id: str) -> int:
+        slot = self._slots.get(function_id)
+        return slot.manifest.limits.max_payload if slot else DEFAULT_MAX_PAYLOAD
+
+    def slot_for_key(self, key: PoolKey) -> Slot | None:
+        return self._by_key.get(key)
+
+    def serve(self, manifest: Manifest, digest: str, *, allow_rollback: bool = False) -> Slot:
+        """Start serving (or switch to) this version of a function."""
+        old = self._slots.get(manifest.name)
+        if old is not None and old.digest == digest:
+            return old
+        batchable = _batchable(manifest)
+        slot = Slot(
+            manifest=manifest,
+            digest=digest,
+            allow_rollback=allow_rollback,
+            batchable=batchable,
+            batcher=Batcher(
+                self._run_batch_for(manifest.name),
+                max_batch=manifest.limits.max_batch if batchable else 1,
+                max_delay_s=manifest.limits.max_delay_ms / 1000.0,
+                max_queue=self.max_queue,
+                clock=self._clock,
+            ),
+        )
+        self._slots[manifest.name] = slot
+        self._by_key[slot.key] = slot
+        if old is not None and old.key != slot.key:
+            self._by_key.pop(old.key, None)
+            # Requests already queued for the old version are still answered by it.
+            asyncio.get_running_loop().create_task(self._retire(old))
+        return slot
+
+    async def async_remove(self, function_id: str) -> None:
+        slot = self._slots.pop(function_id, None)
+        if slot is not None:
+            await self._retire(slot)
+
+    async def _retire(self, slot: Slot, timeout: float = 30.0) -> None:
+        await slot.batcher.async_drain(timeout)
+        if self._by_key.get(slot.key) is slot:
+            del self._by_key[slot.key]
+        await self.pool.async_unload(slot.key)
+
+    # -- the request path -----------------------------------------------------------
+
+    def submit(
+        self,
+        function_id: str,
+        payload: bytes,
+        content_type: str | None,
+        sink: Sink,
+        *,
+        received: float | None = None,
+        correlation_id: str | None = None,
+        expires: float | None = None,
+        spilled: bool = False,
+    ) -> None:
+        """Take one request; its answer (or error) will reach ``sink`` exactly once."""
+        now = self._clock()
+        received = received if received is not None else now
+        slot = self._slots.get(function_id)
+        limit = slot.manifest.limits.max_payload if slot else DEFAULT_MAX_PAYLOAD
+        try:
+            req = decode_request(payload, content_type, max_payload=limit)
+        except BadRequestError as e:
+            if sink.accept(e.reply_to):
+                rid = e.id or correlation_id or ""
+                self._fail(
+                    function_id,
+                    sink,
+                    e.encoding or Encoding.JSON,
+                    rid,
+                    ErrorCode.BAD_REQUEST,
+                    str(e),
+                )
+            return
+        rid = req.id if req.id is not None else (correlation_id or "")
+        if not sink.accept(req.reply_to):
+            return
+        enc = req.encoding
+        if slot is None or not self._accepting:
+            why = (
+                f"function {function_id} is not served on node {self.node}"
+                if self._accepting
+                else f"node {self.node} is shutting down"
+            )
+            code = ErrorCode.NOT_FOUND if self._accepting else ErrorCode.SATURATED
+            self._fail(function_id, sink, enc, rid, code, why)
+            return
+        deadline = expires
+        if req.deadline_ms is not None:
+            if req.deadline_ms <= 0:
+                self._fail(
+                    function_id,
+                    sink,
+                    enc,
+                    rid,
+                    ErrorCode.TIMEOUT,
+                    "deadline_ms <= 0: the request had already expired",
+                )
+                return
+            d = received + req.deadline_ms / 1000.0
+            deadline = d if deadline is None else min(deadline, d)
+        if deadline is not None and deadline <= now:
+            self._fail(
+                function_id,
+                sink,
+                enc,
+                rid,
+                ErrorCode.TIMEOUT,
+                "the request expired before it reached the function",
+            )
+            return
+        m = slot.manifest
+        try:
+            rows = validate_inputs(
+                req, m.inputs, max_batch=m.limits.max_batch if slot.batchable else None
+            )
+        except BadRequestError as e:
+            self._fail(function_id, sink, enc, rid, ErrorCode.BAD_REQUEST, str(e))
+            return
+        b = slot.batcher
+        verdict = admit(
+            slot.stats,
+            queue_full=b.full(),
+            running_rows=b.running_rows,
+            queued_rows=b.queued_rows,
+            rows=rows,
+            max_batch=b.max_batch,
+            now=now,
+            deadline=deadline,
+        )
+        if not verdict.admitted:
+            self._fail(
+                function_id,
+                sink,
+                enc,
+                rid,
+                ErrorCode.SATURATED,
+                f"{function_id} on {self.node}: {verdict.reason}",
+            )
+            return
+        b.submit(
+            Pending(
+                inputs=req.inputs,
+                rows=rows,
+                received=received,
+                deadline=deadline,
+                done=sink.send,
+                meta=_Meta(rid, sink, enc, spilled),
+            )
+        )
+
+    def _fail(
+        self, fid: str, sink: Sink, enc: Encoding, rid: str, code: ErrorCode, message: str
+    ) -> None:
+        # Topics can name anything: only served functions get a label of their own.
+        self.metrics.answer(fid if fid in self._slots else "(unknown)", code.value)
+        sink.send(ErrorReply(rid, code, message), enc)
+
+    # -- running batches ------------------------------------------------------------
+
+    def _run_batch_for(self, function_id: str) -> RunBatch:
+        return functools.partial(self._run_batch, function_id)
+
+    async def _run_batch(self, function_id: str, batch: list[Pending]) -> None:
+        slot = self._slots.get(function_id)
+        now = self._clock()
+        live: list[Pending] = []
+        for p in batch:
+            meta: _Meta = p.meta
+            if p.deadline is not None and now > p.deadline:
+                self._fail(
+                    function_id,
+                    meta.sink,
+                    meta.encoding,
+                    meta.id,
+                    ErrorCode.TIMEOUT,
+                    "the deadline passed while the request was queued",
+                )
+            else:
+                live.append(p)
+        if not live:
+            return
+        if slot is None:
+            for p in live:
+                self._fail(
+                    function_id,
+                    p.meta.sink,
+                    p.meta.encoding,
+                    p.meta.id,
+                    ErrorCode.NOT_FOUND,
+                    f"function {function_id} was removed from node {self.node}",
+                )
+            return
+        m = slot.manifest
+        rows = sum(p.rows for p in live)
+        try:
+            async with self.pool.lease(slot.key, size_hint=m.requirements.memory_mb << 20) as (
+                ex,
+                cold,
+            ):
+                inputs = (
+                    live[0].inputs
+                    if len(live) == 1
+                    else {
+                        s.name: np.concatenate([p.inputs[s.name] for p in live]) for s in m.inputs
+                    }
+                )
+                started = self._clock()
+                outputs = await asyncio.get_running_loop().run_in_executor(
+                    self._threads, ex.run, inputs
+                )
+                ended = self._clock()
+        except MeshError as e:
+            log.warning("%s@%s failed: %s", m.name, m.version, e)
+            for p in live:
+                self._fail(
+                    function_id,
+                    p.meta.sink,
+                    p.meta.encoding,
+                    p.meta.id,
+                    ErrorCode.INTERNAL,
+                    f"{m.name}@{m.version} on {self.node}: {e}",
+                )
+            return
+        except Exception as e:  # a bug or a runtime failure must not stop the batcher
+            log.exception("%s@%s crashed", m.name, m.version)
+            for p in live:
+                self._fail(
+                    function_id,
+                    p.meta.sink,
+                    p.meta.encoding,
+                    p.meta.id,
+                    ErrorCode.INTERNAL,
+                    f"{m.name}@{m.version} on {self.node}: internal error ({type(e).__name__})",
+                )
+            return
+        run_ms = (ended - started) * 1000.0
+        slot.stats.observe(run_ms, rows)
+        self.metrics.batch(function_id, rows, run_ms, cold)
+        offset = 0
+        for p in live:
+            meta = p.meta
+            if len(live) == 1:
+                mine = outputs
+            else:
+                mine = {k: v[offset : offset + p.rows] for k, v in outputs.items()}
+            offset += p.rows
+            self.metrics.answer(function_id, "ok")
+            meta.sink.send(
+                Response(
+                    id=meta.id,
+                    version=m.version,
+                    outputs=mine,
+                    node=self.node,
+                    timing=Timing(
+                        queue_ms=(started - p.received) * 1000.0,
+                        run_ms=run_ms,
+                        cold_start=cold,
+                        spilled=meta.spilled,
+                    ),
+                ),
+                meta.encoding,
+            )
+
+    # -- load -----------------------------------------------------------------------
+
+    def load(self) -> dict[str, dict[str, float]]:
+        """In-flight and queued requests per function, for heartbeats and routers."""
+        return {
+            fid: {
+                "in_flight": s.batcher.running_rows,
+                "queued": s.batcher.queued,
+                "batch_ms": round(s.stats.batch_ms, 3),
+                "row_ms": round(s.stats.row_ms, 4),
+            }
+            for fid, s in self._slots.items()
+        }
+
+    # -- shutdown -------------------------------------------------------------------
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    async def async_close(self, timeout: float = 10.0) -> None:
+        """Stop taking work, let queued batches finish, answer the rest ``saturated``."""
+        self._accepting = False
+        deadline = self._clock() + timeout
+        for slot in list(self._slots.values()):
+            await slot.batcher.async_drain(max(0.0, deadline - self._clock()))
+        for slot in list(self._slots.values()):
+            for p in slot.batcher.take_all():
+                self._fail(
+                    slot.manifest.name,
+                    p.meta.sink,
+                    p.meta.encoding,
+                    p.meta.id,
+                    ErrorCode.SATURATED,
+                    f"node {self.node} is shutting down",
+                )
+            await slot.batcher.async_cancel()
+        self._threads.shutdown(wait=True, cancel_futures=True)
