@@ -1,0 +1,224 @@
+"""ONNX Runtime executor: a session built from model bytes held in memory only.
+
+The plaintext model never touches the disk: the session is created from bytes,
+no optimised model is saved, and TensorRT's engine and timing caches are kept
+off, because ONNX Runtime writes those as plaintext files. Engines built on
+the node are cached encrypted by the native TensorRT path instead
+(``executors.tensorrt.EngineCache``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import onnxruntime as ort
+
+from fnmesh.agent.errors import ExecutorError, InferenceError, UnsupportedHardwareError
+from fnmesh.agent.executors.base import (
+    ONNX_MEMORY_FACTOR,
+    check_input_names,
+    declared_or_estimated_bytes,
+)
+from fnmesh.agent.probe import Hardware
+from fnmesh.functions.manifest import GpuRequirement, Manifest
+
+_log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+
+#: GPU the executors use; one agent drives one device (run one agent per GPU otherwise).
+DEVICE_ID = 0
+
+
+def _ort_errors() -> tuple[type[BaseException], ...]:
+    # ORT's pybind exceptions derive from Exception directly, with no common base.
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = (
+        *("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoSuchFile"),
+        *("NoModel", "RuntimeException", "EPFail", "NotImplemented", "ModelLoaded"),
+    )
+    found = tuple(getattr(state, n) for n in names if isinstance(getattr(state, n, None), type))
+    return (*found, RuntimeError, ValueError, TypeError)
+
+
+ORT_ERRORS = _ort_errors()
+
+
+def choose_providers(gpu: GpuRequirement | str, hardware: Hardware) -> list[str]:
+    """Execution providers to ask ORT for, best first, for a function's ``gpu`` requirement.
+
+    ``none`` runs on CPU even on a GPU node (the GPU is kept for functions that
+    asked). ``preferred`` uses TensorRT then CUDA when the node has a GPU and
+    this ORT build offers them, else CPU. ``required`` is the same but raises
+    ``UnsupportedHardwareError`` naming the reason when no GPU provider can work.
+    CPU stays last in every list so nodes a GPU provider cannot take still run.
+    """
+    gpu = GpuRequirement(gpu)
+    if gpu is GpuRequirement.NONE:
+        return [CPU]
+    usable = list(hardware.gpu_providers) if hardware.has_gpu else []
+    if not usable and gpu is GpuRequirement.REQUIRED:
+        if not hardware.has_gpu:
+            why = f"this node has no usable NVIDIA GPU ({hardware.gpu_reason})"
+        else:
+            why = (
+                f"this node has a GPU but its onnxruntime offers only "
+                f"{', '.join(hardware.ort_providers) or 'no providers'} "
+                "(install onnxruntime-gpu instead of onnxruntime)"
+            )
+        raise UnsupportedHardwareError(f"function requires a GPU, but {why}")
+    return [*usable, CPU]
+
+
+def provider_options(provider: str) -> dict[str, str]:
+    """Options for one provider: TensorRT caches off (plaintext on disk), modest CUDA arena growth."""
+    if provider == TENSORRT:
+        return {
+            "device_id": str(DEVICE_ID),
+            # ORT would write built engines and timing data unencrypted to disk.
+            "trt_engine_cache_enable": "False",
+            "trt_timing_cache_enable": "False",
+            "trt_dump_ep_context_model": "False",
+        }
+    if provider == CUDA:
+        # Several functions share one GPU: grow the arena by what is asked, not to the next
+        # power of two, so one model does not reserve memory its neighbours need.
+        return {"device_id": str(DEVICE_ID), "arena_extend_strategy": "kSameAsRequested"}
+    return {}
+
+
+def session_options(intra_op_threads: int = 1) -> ort.SessionOptions:
+    """Session options for a node running several functions on few cores."""
+    if intra_op_threads < 1:
+        raise ValueError("intra_op_threads must be >= 1")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = intra_op_threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Spinning workers would steal the few cores the other sessions on this node need.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    # Left unset on purpose: optimized_model_filepath and profiling would write to disk.
+    return so
+
+
+class OnnxExecutor:
+    """An ONNX Runtime session over in-memory model bytes; ``run`` is thread-safe (ORT's promise)."""
+
+    __slots__ = ("_function", "_inputs", "_memory_bytes", "_outputs", "_session", "load_seconds")
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        *,
+        function: str,
+        memory_bytes: int,
+        load_seconds: float,
+    ) -> None:
+        self._session: ort.InferenceSession | None = session
+        self._function = function
+        self._inputs = tuple(i.name for i in session.get_inputs())
+        self._outputs = tuple(o.name for o in session.get_outputs())
+        self._memory_bytes = memory_bytes
+        #: Wall time spent creating the session (for cold-start metrics).
+        self.load_seconds = load_seconds
+
+    @property
+    def provider(self) -> str:
+        return self.providers[0] if self.providers else "closed"
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        """Providers the session really got, best first (ORT drops ones that failed to start)."""
+        return tuple(self._session.get_providers()) if self._session is not None else ()
+
+    @property
+    def memory_bytes(self) -> int:
+        """``requirements.memory_mb`` if declared, else model size x 2 + 4 MiB (see base.py)."""
+        return self._memory_bytes
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return self._inputs
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return self._outputs
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self._session
+        if session is None:
+            raise ExecutorError(f"{self._function}: executor is closed")
+        check_input_names(inputs, self._inputs, function=self._function)
+        try:
+            results = session.run(None, dict(inputs))
+        except ORT_ERRORS as e:
+            raise InferenceError(f"{self._function}: {e}") from e
+        return {name: np.asarray(value) for name, value in zip(self._outputs, results, strict=True)}
+
+    def close(self) -> None:
+        # ORT frees the session's memory when the last reference goes.
+        self._session = None
+
+    def __repr__(self) -> str:
+        return f"OnnxExecutor({self._function!r}, provider={self.provider!r})"
+
+
+def load_onnx(
+    model_bytes: bytes,
+    manifest: Manifest,
+    hardware: Hardware,
+    *,
+    intra_op_threads: int = 1,
+) -> OnnxExecutor:
+    """Create an ORT session for the function on the best provider its ``gpu`` requirement allows.
+
+    Blocks (tens of milliseconds for small models, much longer when TensorRT
+    builds an engine): call it off the event loop.
+    """
+    gpu = manifest.requirements.gpu
+    providers = choose_providers(gpu, hardware)
+    options: list[tuple[str, dict[str, str]] | str] = [
+        (p, provider_options(p)) if provider_options(p) else p for p in providers
+    ]
+    started = time.perf_counter()
+    try:
+        session = ort.InferenceSession(
+            model_bytes, sess_options=session_options(intra_op_threads), providers=options
+        )
+    except ORT_ERRORS as e:
+        raise ExecutorError(
+            f"{manifest.name}@{manifest.version}: ORT refused the model: {e}"
+        ) from e
+    elapsed = time.perf_counter() - started
+    got = session.get_providers()
+    if gpu is GpuRequirement.REQUIRED and not any(p in got for p in (TENSORRT, CUDA)):
+        # ORT falls back to CPU with only a warning when a GPU provider fails to start.
+        raise UnsupportedHardwareError(
+            f"{manifest.name}@{manifest.version} requires a GPU, but ONNX Runtime could not "
+            f"start {' or '.join(providers[:-1])} (session got {', '.join(got)}); "
+            "check the CUDA/cuDNN/TensorRT libraries match this onnxruntime-gpu build"
+        )
+    if got and got[0] != providers[0]:
+        _log.warning(
+            "%s@%s: wanted %s, ONNX Runtime gave %s",
+            manifest.name,
+            manifest.version,
+            providers,
+            got,
+        )
+    executor = OnnxExecutor(
+        session,
+        function=f"{manifest.name}@{manifest.version}",
+        memory_bytes=declared_or_estimated_bytes(manifest, len(model_bytes), ONNX_MEMORY_FACTOR),
+        load_seconds=elapsed,
+    )
+    _log.debug("%r loaded in %.1f ms", executor, elapsed * 1000)
+    return executor

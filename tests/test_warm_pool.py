@@ -1,0 +1,417 @@
+"""The warm pool: one load per key, LRU under a budget, leases pin, TTL by an injected clock."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from fnmesh.agent.errors import CapacityError, ExecutorError, PoolClosedError
+from fnmesh.agent.executors import Executor, load_executor
+from fnmesh.agent.probe import probe
+from fnmesh.agent.warm_pool import PoolKey, UnloadReason, WarmPool, threaded
+from fnmesh.functions.manifest import Manifest
+
+WAIT = 5.0  # seconds: an upper bound for events that should happen at once
+
+A: PoolKey = ("ns/a", "1.0.0")
+B: PoolKey = ("ns/b", "1.0.0")
+C: PoolKey = ("ns/c", "1.0.0")
+D: PoolKey = ("ns/d", "1.0.0")
+E: PoolKey = ("ns/e", "1.0.0")
+
+
+class StubExecutor:
+    """Stands in for a model: the pool only sizes, hands out and closes executors."""
+
+    provider = "stub"
+
+    def __init__(self, key: PoolKey, size: int) -> None:
+        self.key = key
+        self._size = size
+        self.closed = False
+
+    @property
+    def memory_bytes(self) -> int:
+        return self._size
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        assert not self.closed
+        return dict(inputs)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Loader:
+    """Counts loads; a key with a gate blocks until the test opens it."""
+
+    def __init__(self, size: int = 100) -> None:
+        self.size = size
+        self.sizes: dict[PoolKey, int] = {}
+        self.calls: list[PoolKey] = []
+        self.gates: dict[PoolKey, asyncio.Event] = {}
+        self.started: dict[PoolKey, asyncio.Event] = {}
+        self.fail: set[PoolKey] = set()
+        self.made: list[StubExecutor] = []
+        self.on_call: list[object] = []
+
+    def gate(self, key: PoolKey) -> asyncio.Event:
+        self.gates[key] = asyncio.Event()
+        self.started[key] = asyncio.Event()
+        return self.gates[key]
+
+    async def __call__(self, key: PoolKey) -> Executor:
+        self.calls.append(key)
+        if key in self.started:
+            self.started[key].set()
+        if key in self.gates:
+            await self.gates[key].wait()
+        if key in self.fail:
+            raise ExecutorError(f"cannot load {key}")
+        ex = StubExecutor(key, self.sizes.get(key, self.size))
+        self.made.append(ex)
+        return ex
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_pool(
+    budget: int = 1000, ttl: float = 60.0, loader: Loader | None = None
+) -> tuple[WarmPool, Loader, Clock, list[tuple[PoolKey, UnloadReason]]]:
+    loader = loader or Loader()
+    clock = Clock()
+    unloaded: list[tuple[PoolKey, UnloadReason]] = []
+    pool = WarmPool(
+        budget, ttl, loader, clock=clock, on_unload=lambda k, r: unloaded.append((k, r))
+    )
+    return pool, loader, clock, unloaded
+
+
+async def test_cold_then_warm() -> None:
+    pool, loader, _, _ = make_pool()
+    async with pool.lease(A) as (first, cold):
+        assert cold
+    async with pool.lease(A) as (second, cold):
+        assert not cold
+        assert second is first
+    stats = pool.stats()
+    assert (stats.hits, stats.misses, stats.loads) == (1, 1, 1)
+    assert stats.loaded == (A,)
+    assert stats.bytes == 100
+    assert stats.in_use == 0
+    assert loader.calls == [A]
+    await pool.async_close()
+
+
+async def test_concurrent_acquires_share_one_load() -> None:
+    pool, loader, _, _ = make_pool()
+    gate = loader.gate(A)
+    tasks = [asyncio.create_task(pool.async_acquire(A)) for _ in range(5)]
+    await asyncio.wait_for(loader.started[A].wait(), WAIT)
+    assert not any(t.done() for t in tasks)
+    gate.set()
+    results = await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
+    assert loader.calls == [A]
+    assert len({id(ex) for ex, _ in results}) == 1
+    assert all(cold for _, cold in results)
+    assert pool.stats().in_use == 5
+    assert pool.stats().misses == 5
+    for ex, _ in results:
+        pool.release(ex)
+    assert pool.stats().in_use == 0
+    await pool.async_close()
+
+
+async def test_giving_up_does_not_cancel_the_shared_load() -> None:
+    pool, loader, _, _ = make_pool()
+    gate = loader.gate(A)
+    quitter = asyncio.create_task(pool.async_acquire(A))
+    stayer = asyncio.create_task(pool.async_acquire(A))
+    await asyncio.wait_for(loader.started[A].wait(), WAIT)
+    quitter.cancel()
+    gate.set()
+    ex, cold = await asyncio.wait_for(stayer, WAIT)
+    assert cold
+    assert quitter.cancelled()
+    assert loader.calls == [A]
+    pool.release(ex)
+    await pool.async_close()
+
+
+async def test_lru_eviction_order_under_budget() -> None:
+    pool, loader, _, unloaded = make_pool(budget=300)
+    for key in (A, B, C):
+        async with pool.lease(key):
+            pass
+    async with pool.lease(A):  # A is now the most recently used
+        pass
+    async with pool.lease(D):
+        pass
+    async with pool.lease(E):
+        pass
+    assert unloaded == [(B, "evicted"), (C, "evicted")]
+    assert pool.stats().loaded == (A, D, E)
+    assert pool.stats().evictions == 2
+    assert pool.stats().bytes == 300
+    assert [ex.closed for ex in loader.made] == [False, True, True, False, False]
+    await pool.async_close()
+
+
+async def test_in_use_executors_are_not_evicted() -> None:
+    pool, _, _, unloaded = make_pool(budget=200)
+    held_a, _ = await pool.async_acquire(A)  # oldest, but leased
+    async with pool.lease(B):
+        pass
+    async with pool.lease(C) as (held_c, _):
+        assert unloaded == [(B, "evicted")]
+        assert pool.stats().loaded == (A, C)
+        # Both remaining executors are leased: no room without evicting one in use.
+        with pytest.raises(CapacityError, match="in use"):
+            await pool.async_acquire(D)
+        assert not held_a.closed  # type: ignore[attr-defined]
+        assert not held_c.closed  # type: ignore[attr-defined]
+        assert pool.is_warm(A) and pool.is_warm(C)
+    pool.release(held_a)
+    async with pool.lease(D) as (_, cold):
+        assert cold
+    assert unloaded[-1] == (A, "evicted")  # released, and least recently used
+    await pool.async_close()
+
+
+async def test_executor_larger_than_budget_is_refused_and_closed() -> None:
+    loader = Loader()
+    loader.sizes[A] = 2000
+    pool, _, _, _ = make_pool(budget=1000, loader=loader)
+    with pytest.raises(CapacityError, match="whole budget"):
+        await pool.async_acquire(A)
+    assert loader.made[0].closed
+    assert pool.stats().bytes == 0
+    await pool.async_close()
+
+
+async def test_size_hint_makes_room_before_loading() -> None:
+    pool, loader, _, unloaded = make_pool(budget=200)
+    for key in (A, B):
+        async with pool.lease(key):
+            pass
+    gate = loader.gate(C)
+    task = asyncio.create_task(pool.async_acquire(C, size_hint=100))
+    await asyncio.wait_for(loader.started[C].wait(), WAIT)
+    assert unloaded == [(A, "evicted")]  # already gone while C is still loading
+    gate.set()
+    ex, _ = await asyncio.wait_for(task, WAIT)
+    pool.release(ex)
+    with pytest.raises(CapacityError):
+        await pool.async_acquire(D, size_hint=5000)
+    assert D not in loader.calls
+    await pool.async_close()
+
+
+async def test_idle_executors_expire_after_ttl() -> None:
+    pool, _, clock, unloaded = make_pool(ttl=10.0)
+    async with pool.lease(A):
+        pass
+    clock.now += 5
+    assert await pool.async_sweep() == []
+    async with pool.lease(B):
+        pass
+    clock.now += 5
+    assert await pool.async_sweep() == [A]
+    clock.now += 5
+    assert await pool.async_sweep() == [B]
+    assert unloaded == [(A, "expired"), (B, "expired")]
+    assert pool.stats().expirations == 2
+    assert pool.stats().loaded == ()
+    await pool.async_close()
+
+
+async def test_leased_executor_never_expires() -> None:
+    pool, _, clock, _ = make_pool(ttl=10.0)
+    async with pool.lease(A) as (ex, _):
+        clock.now += 100
+        assert await pool.async_sweep() == []
+    # Last use is the release, so the TTL counts from there.
+    clock.now += 9
+    assert await pool.async_sweep() == []
+    clock.now += 1
+    assert await pool.async_sweep() == [A]
+    assert ex.closed  # type: ignore[attr-defined]
+    await pool.async_close()
+
+
+async def test_sweeper_task_unloads_and_stops_on_close() -> None:
+    clock = Clock()
+    expired = asyncio.Event()
+    pool = WarmPool(1000, 10.0, Loader(), clock=clock, on_unload=lambda k, r: expired.set())
+    async with pool.lease(A):
+        pass
+    clock.now += 11
+    sweeper = pool.start_sweeper(0.01)
+    await asyncio.wait_for(expired.wait(), WAIT)
+    assert not pool.is_warm(A)
+    await pool.async_close()
+    assert sweeper.done()
+
+
+async def test_prewarm_makes_the_next_acquire_warm() -> None:
+    pool, loader, _, _ = make_pool()
+    assert await pool.async_prewarm(A)
+    assert not await pool.async_prewarm(A)
+    async with pool.lease(A) as (_, cold):
+        assert not cold
+    assert loader.calls == [A]
+    assert pool.stats().hits == 1
+    await pool.async_close()
+
+
+async def test_unload_idle_now_and_leased_on_release() -> None:
+    pool, _, _, unloaded = make_pool()
+    async with pool.lease(A):
+        pass
+    assert await pool.async_unload(A)
+    assert unloaded == [(A, "unloaded")]
+    assert not await pool.async_unload(A)
+
+    old, _ = await pool.async_acquire(B)
+    assert await pool.async_unload(B)
+    assert not old.closed  # type: ignore[attr-defined]
+    async with pool.lease(B) as (new, cold):  # a retiring executor is not handed out again
+        assert cold
+        assert new is not old
+    pool.release(old)
+    assert old.closed  # type: ignore[attr-defined]
+    assert unloaded[-1] == (B, "unloaded")
+    assert pool.stats().bytes == 100
+    await pool.async_close()
+
+
+async def test_failed_load_reaches_every_waiter_and_is_retried() -> None:
+    pool, loader, _, _ = make_pool()
+    loader.fail.add(A)
+    gate = loader.gate(A)
+    tasks = [asyncio.create_task(pool.async_acquire(A)) for _ in range(3)]
+    await asyncio.wait_for(loader.started[A].wait(), WAIT)
+    gate.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, ExecutorError) for r in results)
+    assert pool.stats().load_failures == 1
+    loader.fail.clear()
+    async with pool.lease(A) as (_, cold):
+        assert cold
+    assert loader.calls == [A, A]
+    await pool.async_close()
+
+
+async def test_double_release_is_a_bug() -> None:
+    pool, _, _, _ = make_pool()
+    ex, _ = await pool.async_acquire(A)
+    pool.release(ex)
+    with pytest.raises(RuntimeError, match="not leased"):
+        pool.release(ex)
+    await pool.async_close()
+
+
+async def test_close_drains_leases_then_unloads() -> None:
+    pool, loader, _, unloaded = make_pool()
+    async with pool.lease(A):
+        pass
+    held, _ = await pool.async_acquire(B)
+    closing = asyncio.create_task(pool.async_close(timeout_s=WAIT))
+    await asyncio.sleep(0)  # one loop turn: close sets its flag before its first await
+    with pytest.raises(PoolClosedError):
+        await pool.async_acquire(C)
+    assert not closing.done()
+    pool.release(held)
+    await asyncio.wait_for(closing, WAIT)
+    assert all(ex.closed for ex in loader.made)
+    assert sorted(unloaded) == [(A, "closed"), (B, "closed")]
+    assert pool.stats().bytes == 0
+
+
+async def test_close_timeout_leaves_a_running_executor_until_its_release() -> None:
+    pool, _, _, _ = make_pool()
+    held, _ = await pool.async_acquire(A)
+    await pool.async_close(timeout_s=0.05)
+    assert not held.closed  # type: ignore[attr-defined]
+    pool.release(held)
+    assert held.closed  # type: ignore[attr-defined]
+
+
+async def test_close_waits_for_loads_in_flight() -> None:
+    pool, loader, _, _ = make_pool()
+    gate = loader.gate(A)
+    waiter = asyncio.create_task(pool.async_acquire(A))
+    await asyncio.wait_for(loader.started[A].wait(), WAIT)
+    closing = asyncio.create_task(pool.async_close(timeout_s=WAIT))
+    gate.set()
+    await asyncio.wait_for(closing, WAIT)
+    with pytest.raises(PoolClosedError):
+        await waiter
+    assert loader.made[0].closed
+    assert pool.stats().loaded == ()
+
+
+# --- with real ONNX Runtime behind the loader -----------------------------------------------
+
+
+def _model() -> bytes:
+    w = np.arange(6, dtype=np.float32).reshape(3, 2)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["Y"])],
+        "mm",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 2])],
+        initializer=[numpy_helper.from_array(w, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return bytes(model.SerializeToString())
+
+
+def _manifest(name: str) -> Manifest:
+    now = datetime.now(UTC)
+    return Manifest.model_validate(
+        {
+            "name": name,
+            "version": "1.0.0",
+            "inputs": [{"name": "X", "dtype": "float32", "shape": ["N", 3]}],
+            "outputs": [{"name": "Y", "dtype": "float32", "shape": ["N", 2]}],
+            "not_before": now - timedelta(days=1),
+            "not_after": now + timedelta(days=1),
+            "digests": {
+                "plaintext": "a" * 64,
+                "ciphertext": "b" * 64,
+                "plaintext_size": 1,
+                "nonce": "c" * 24,
+            },
+            "publisher": "test",
+        }
+    )
+
+
+async def test_real_onnx_runtime_behind_the_pool() -> None:
+    model, hw = _model(), probe()
+    pool = WarmPool(
+        64 << 20, 60.0, threaded(lambda key: load_executor(model, _manifest(key[0]), hw))
+    )
+    x = np.ones((4, 3), np.float32)
+    async with pool.lease(("ns/mm", "1.0.0")) as (ex, cold):
+        assert cold
+        out = await asyncio.to_thread(ex.run, {"X": x})
+        np.testing.assert_allclose(out["Y"], x @ np.arange(6, dtype=np.float32).reshape(3, 2))
+    async with pool.lease(("ns/mm", "1.0.0")) as (again, cold):
+        assert not cold
+        assert again is ex
+    assert pool.stats().bytes == ex.memory_bytes
+    await pool.async_close()
