@@ -26,3 +26,7 @@ cli.add_command(agent)
 
 def main() -> None:
     cli(prog_name="fnmesh")
+
+
+if __name__ == "__main__":
+    main()
