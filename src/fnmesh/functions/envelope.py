@@ -64,7 +64,7 @@ def sign_manifest(manifest_bytes: bytes, publisher: Identity) -> bytes:
 def parse_signatures(section: bytes) -> list[Signature]:
     try:
         obj = json.loads(section)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise BundleFormatError(f"signatures section is not JSON: {e}") from e
     if (
         not isinstance(obj, dict)

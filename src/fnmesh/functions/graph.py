@@ -34,12 +34,18 @@ def _tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
         g = graphs.pop()
         yield from g.initializer
         for sparse in g.sparse_initializer:
+            # The indices are a tensor too, and ONNX Runtime loads their external data.
             yield sparse.values
+            yield sparse.indices
         for node in g.node:
             for attr in node.attribute:
                 if attr.HasField("t"):
                     yield attr.t
                 yield from attr.tensors
+                sparse_attrs = [attr.sparse_tensor] if attr.HasField("sparse_tensor") else []
+                for sparse in [*sparse_attrs, *attr.sparse_tensors]:
+                    yield sparse.values
+                    yield sparse.indices
                 if attr.HasField("g"):
                     graphs.append(attr.g)
                 graphs.extend(attr.graphs)

@@ -219,7 +219,7 @@ class Manifest(_Strict):
         """Parse manifest bytes as received, refusing an unknown major version."""
         try:
             obj = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise ManifestError(f"manifest is not valid JSON: {e}") from e
         if not isinstance(obj, dict):
             raise ManifestError("manifest must be a JSON object")
