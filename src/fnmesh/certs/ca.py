@@ -270,25 +270,22 @@ class FleetCA:
     def revoke(self, name_or_serial: str) -> list[Issued]:
         """Revoke every live certificate of a CN (or role-less name) or one serial."""
         records = self._load_issued()
-        hits: list[int] = []
-        serial: int | None = None
-        try:
-            serial = int(name_or_serial, 0)
-        except ValueError:
-            serial = None
-        for i, r in enumerate(records):
-            if r.revoked_at:
-                continue
-            if (
-                r.cn == name_or_serial
-                or r.cn.split(".", 1)[-1] == name_or_serial
-                or (serial is not None and r.serial == serial)
-            ):
-                hits.append(i)
+        live = [i for i, r in enumerate(records) if not r.revoked_at]
+        # A name wins over a serial: "node.x", or the bare name "x".
+        hits = [
+            i for i in live if name_or_serial in (records[i].cn, records[i].cn.split(".", 1)[-1])
+        ]
+        if not hits:
+            text = name_or_serial.lower().removeprefix("0x")
+            try:
+                serial = int(text, 16)
+            except ValueError:
+                serial = None
+            hits = [i for i in live if serial is not None and records[i].serial == serial]
         if not hits:
             raise IdentityError(f"no live certificate matches {name_or_serial!r}")
-        roles = {records[i].role for i in hits}
         if len({records[i].cn for i in hits}) > 1:
+            roles = {records[i].role for i in hits}
             raise IdentityError(
                 f"{name_or_serial!r} matches several identities ({', '.join(sorted(roles))}); "
                 "give the full name, e.g. node.NAME"

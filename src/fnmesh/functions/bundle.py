@@ -223,6 +223,8 @@ class Bundle:
 
     def only_for(self, data_key: bytes, recipient: str, pub: X25519PublicKey) -> Bundle:
         """A copy whose only wrapped key is for ``recipient``: what a node is given."""
+        if not hmac.compare_digest(keys_mac(data_key, self.keys_bytes), self.keys_mac):
+            raise IntegrityError("data key does not belong to this bundle")
         bound = bytes.fromhex(self.digest)
         wrapped = {recipient: keywrap.wrap(data_key, pub, bound)}
         keys_bytes = _keys_section(self.suite, wrapped)
@@ -250,7 +252,7 @@ def _keys_section(suite: str, wrapped: Mapping[str, bytes]) -> bytes:
 def _parse_keys(section: bytes) -> tuple[str, dict[str, bytes]]:
     try:
         obj = json.loads(section)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise BundleFormatError(f"keys section is not JSON: {e}") from e
     if (
         not isinstance(obj, dict)

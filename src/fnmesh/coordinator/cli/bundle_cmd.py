@@ -117,7 +117,7 @@ def inspect(file: str, as_json: bool) -> None:
             ("max batch", m.limits.max_batch),
             ("max payload", m.limits.max_payload),
             ("valid", f"{m.not_before.isoformat()} .. {m.not_after.isoformat()}"),
-            ("model sha256", m.digests.plaintext_sha256),
+            ("model digest", f"{m.digests.algorithm}:{m.digests.plaintext}"),
             ("size", f"{m.digests.plaintext_size:,} bytes"),
             ("recipients", ", ".join(sorted(info["recipients"]))),  # type: ignore[arg-type]
         ],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from fnmesh.certs.ca import DEFAULT_DAYS, FleetCA, init_home
+from fnmesh.certs.ca import DEFAULT_DAYS, FleetCA, Issued, init_home
 from fnmesh.certs.identity import Role
 from fnmesh.coordinator.cli.common import (
     MeshGroup,
@@ -83,7 +83,7 @@ def issue(
 @home_option
 @json_option
 def revoke(name_or_serial: str, home: str | None, as_json: bool) -> None:
-    """Revoke an identity by name (e.g. node.lyon-1) or serial (hex with 0x)."""
+    """Revoke an identity by name (e.g. node.lyon-1) or by serial (hex, as `certs list` prints it)."""
     h = get_home(home)
     done = FleetCA.load(h).revoke(name_or_serial)
     if as_json:
@@ -109,5 +109,11 @@ def list_(home: str | None, as_json: bool) -> None:
     )
 
 
-def _rec(r: object) -> dict[str, object]:
-    return {k: getattr(r, k) for k in ("cn", "role", "serial", "not_after", "revoked_at")}
+def _rec(r: Issued) -> dict[str, object]:
+    return {
+        "cn": r.cn,
+        "role": r.role,
+        "serial": f"{r.serial:x}",
+        "not_after": r.not_after,
+        "revoked_at": r.revoked_at,
+    }
