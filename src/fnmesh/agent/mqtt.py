@@ -30,7 +30,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from fnmesh.agent import mqtt_speedups
 from fnmesh.errors import MeshError
+
+mqtt_speedups.apply()
 
 log = logging.getLogger("fnmesh.mqtt")
 

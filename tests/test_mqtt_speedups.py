@@ -1,0 +1,90 @@
+"""The Properties speed-ups behave exactly like paho's own methods."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import MQTTException, Properties
+
+import fnmesh.agent.mqtt  # noqa: F401 - applies the speed-ups
+from fnmesh.agent.mqtt_speedups import ORIGINALS
+
+CASES: list[tuple[int, dict[str, Any]]] = [
+    (PacketTypes.PUBLISH, {}),
+    (PacketTypes.PUBLISH, {"ContentType": "application/json"}),
+    (
+        PacketTypes.PUBLISH,
+        {
+            "ContentType": "application/msgpack",
+            "CorrelationData": b"\x00\x01corr",
+            "ResponseTopic": "fnmesh/v1/replies/d/1",
+            "MessageExpiryInterval": 30,
+        },
+    ),
+    (PacketTypes.PUBLISH, {"UserProperty": [("a", "1"), ("b", "2")], "SubscriptionIdentifier": 7}),
+    (PacketTypes.PUBLISH, {"PayloadFormatIndicator": 1, "TopicAlias": 3}),
+    (PacketTypes.CONNECT, {"SessionExpiryInterval": 3600, "ReceiveMaximum": 100}),
+]
+
+
+def _original(packet: int, values: dict[str, Any]) -> Properties:
+    p = object.__new__(Properties)
+    ORIGINALS["__init__"](p, packet)
+    for k, v in values.items():
+        ORIGINALS["__setattr__"](p, k, v)
+    return p
+
+
+def _fast(packet: int, values: dict[str, Any]) -> Properties:
+    p = Properties(packet)
+    for k, v in values.items():
+        setattr(p, k, v)
+    return p
+
+
+@pytest.mark.parametrize(("packet", "values"), CASES)
+def test_pack_matches_paho(packet: int, values: dict[str, Any]) -> None:
+    assert _fast(packet, values).pack() == ORIGINALS["pack"](_original(packet, values))
+
+
+@pytest.mark.parametrize(("packet", "values"), CASES)
+def test_unpack_round_trip_matches_paho(packet: int, values: dict[str, Any]) -> None:
+    raw = ORIGINALS["pack"](_original(packet, values))
+    fast = Properties(packet)
+    fast.unpack(raw)
+    orig = object.__new__(Properties)
+    ORIGINALS["__init__"](orig, packet)
+    ORIGINALS["unpack"](orig, raw)
+    names = {n.replace(" ", "") for n in orig.names}
+    assert {n: getattr(fast, n) for n in names if hasattr(fast, n)} == {
+        n: getattr(orig, n) for n in names if hasattr(orig, n)
+    }
+    assert fast.isEmpty() == ORIGINALS["isEmpty"](orig) == (not values)
+
+
+@pytest.mark.parametrize(
+    ("packet", "name", "value"),
+    [
+        (PacketTypes.PUBLISH, "NotAProperty", 1),
+        (PacketTypes.PUBLISH, "SessionExpiryInterval", 5),  # wrong packet type
+        (PacketTypes.CONNECT, "ContentType", "x"),  # wrong packet type
+        (PacketTypes.PUBLISH, "TopicAlias", 0),  # out of range
+        (PacketTypes.CONNECT, "ReceiveMaximum", 70000),
+    ],
+)
+def test_refusals_match_paho(packet: int, name: str, value: Any) -> None:
+    with pytest.raises(MQTTException):
+        setattr(Properties(packet), name, value)
+    with pytest.raises(MQTTException):
+        ORIGINALS["__setattr__"](_original(packet, {}), name, value)
+
+
+def test_clear_and_multiple() -> None:
+    p = _fast(PacketTypes.PUBLISH, {"UserProperty": [("a", "1")], "ContentType": "x"})
+    p.UserProperty = ("b", "2")
+    assert p.UserProperty == [("a", "1"), ("b", "2")]
+    p.clear()
+    assert p.isEmpty()
+    assert p.pack() == b"\x00"
