@@ -55,3 +55,63 @@ def bundle_bench(sizes: tuple[float, ...], repeat: int, as_json: bool) -> None:
             for r in results
         ],
     )
+
+
+@bench.command("invoke")
+@click.option(
+    "-n", "n", type=int, default=2000, show_default=True, help="Requests per measurement."
+)
+@click.option("--inflight", type=int, default=64, show_default=True)
+@json_option
+def invoke_bench(n: int, inflight: int, as_json: bool) -> None:
+    """MQTT invocation latency, throughput and cold start vs raw ONNX Runtime and a bare echo."""
+    from fnmesh.coordinator.bench import invoke as b
+    from fnmesh.coordinator.cli.common import err_console
+
+    f = b.run(n, inflight, progress=lambda s: err_console.print(f"[dim]bench: {s}[/dim]"))
+    if as_json:
+        print_json(f)
+        return
+    print_table(
+        "MQTT invocation (mutual TLS, QoS 1), baselines from the same run",
+        ["measure", "fnmesh", "baseline", "ratio"],
+        [
+            (
+                "p50 round trip, digits (ms)",
+                f"{f['invoke_p50_ms']:.3f}",
+                f"{f['echo_p50_ms']:.3f} echo",
+                f"{f['invoke_vs_echo_p50']:.2f}x",
+            ),
+            (
+                "p99 round trip, digits (ms)",
+                f"{f['invoke_p99_ms']:.3f}",
+                f"{f['echo_p99_ms']:.3f} echo",
+                "",
+            ),
+            ("raw ORT run, digits (us)", "", f"{f['raw_digits_us']:.1f}", ""),
+            (
+                f"throughput @{inflight}, digits (req/s)",
+                f"{f['digits_rps']:,.0f}",
+                f"{f['echo_rps']:,.0f} echo",
+                f"{f['digits_vs_echo_rps']:.2f}x",
+            ),
+            (
+                f"throughput @{inflight}, mlp batched vs not (req/s)",
+                f"{f['mlp_rps']:,.0f}",
+                f"{f['mlp_unbatched_rps']:,.0f} unbatched",
+                f"{f['mlp_batching_gain']:.2f}x",
+            ),
+            (
+                "raw ORT run, mlp (us/sample)",
+                "",
+                f"{f['raw_mlp_us']:.1f} alone, {f['raw_mlp_batch64_us_per_sample']:.1f} in 64",
+                "",
+            ),
+            (
+                "cold start, mlp (ms)",
+                f"{f['cold_mlp_ms']:.2f}",
+                f"{f['raw_cold_mlp_ms']:.2f} raw load+run",
+                f"{f['cold_vs_raw']:.2f}x",
+            ),
+        ],
+    )
