@@ -13,6 +13,7 @@ rollback order it has checked.
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fnmesh.agent.errors import AgentError
+from fnmesh.certs import keywrap
 from fnmesh.certs.home import write_atomic
 from fnmesh.certs.trust import TrustStore
 from fnmesh.functions.bundle import Bundle
@@ -102,6 +104,23 @@ class BundleCache:
         self.check_version(bundle.manifest, allow_rollback=allow_rollback)
         model = bundle.open(self.trust, self.node_cn, self._key)
         return Opened(bundle.manifest, model, digest)
+
+    def bundle(self, digest: str) -> Bundle:
+        """A cached bundle, parsed (not verified: :meth:`open` verifies)."""
+        try:
+            return Bundle.parse(self.path(digest).read_bytes())
+        except FileNotFoundError as e:
+            raise AgentError(f"bundle {digest[:12]} is not in the cache") from e
+
+    def check_assigned_key(self, bundle: Bundle, wrapped: bytes) -> None:
+        """Refuse a bundle whose data key is not the one the assignment carries."""
+        assigned = keywrap.unwrap(
+            wrapped, self._key, bytes.fromhex(bundle.digest), suite=bundle.suite
+        )
+        if not hmac.compare_digest(assigned, bundle.data_key(self.node_cn, self._key)):
+            raise AgentError(
+                f"the assignment's data key for {bundle.digest[:12]} does not match the bundle"
+            )
 
     def manifest(self, digest: str) -> Manifest:
         """The manifest of a cached bundle, verified (no decryption)."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fnmesh.agent.assignments import Assignments
 from fnmesh.agent.cache import BundleCache
 from fnmesh.agent.executors import load_executor
 from fnmesh.agent.executors.base import Executor
@@ -130,6 +131,17 @@ class Agent:
             load=self.load_report,
             period_s=cfg.heartbeat_s,
         )
+        self._local: set[str] = set()
+        self.assignments = Assignments(
+            node_cn=self.identity.cn,
+            node=cfg.name,
+            cache=self.cache,
+            service=self.service,
+            pool=self.pool,
+            ssl_context=client_context(self.identity, self.home.ca_cert),
+            local=lambda: self._local,
+            on_change=self._async_status_if_connected,
+        )
         self.http_port = 0
         self._runner: Any = None
         self._stopped = asyncio.Event()
@@ -154,6 +166,8 @@ class Agent:
             },
             "http": f"https://{self.cfg.http_host}:{self.http_port}" if self.http_port else None,
             "functions": {fid: s.manifest.version for fid, s in self.service.slots().items()},
+            "heartbeat_s": self.cfg.heartbeat_s,
+            "assignment": self.assignments.status(),
         }
 
     def load_report(self) -> dict[str, Any]:
@@ -163,6 +177,10 @@ class Agent:
             "loaded": [f"{k[0]}@{k[1]}" for k in stats.loaded],
             "pool_bytes": stats.bytes,
         }
+
+    async def _async_status_if_connected(self) -> None:
+        if self.mqtt.connected:
+            await self.presence.async_publish_status()
 
     # -- loading --------------------------------------------------------------------
 
@@ -203,7 +221,14 @@ class Agent:
             app, self.cfg.http_host, self.cfg.http_port, tls
         )
         for path in self.cfg.serve:
-            await self.async_serve_bundle(path.read_bytes())
+            b = await self.async_serve_bundle(path.read_bytes())
+            self._local.add(b.manifest.name)
+        self.assignments.start()
+        self.mqtt.subscribe(
+            f"{self.cfg.topic_root}/nodes/{self.cfg.name}/assign",
+            lambda msg: self.assignments.on_message(msg.payload),
+            qos=1,
+        )
         await self.mqtt.async_start()
         self.presence.start()
         log.info("agent %s ready (http port %d)", self.cfg.name, self.http_port)
@@ -214,6 +239,7 @@ class Agent:
         end = loop.time() + timeout
         self.service.stop_accepting()
         await self.presence.async_stop()
+        await self.assignments.async_stop()
         await self.service.async_close(max(0.5, end - loop.time()) * 0.6)
         if self.mqtt.connected:
             with contextlib.suppress(Exception):
