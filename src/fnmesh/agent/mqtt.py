@@ -98,6 +98,57 @@ def properties(
     return p
 
 
+class _CoalescingClient(mqtt.Client):
+    """paho's client, writing every packet queued in one loop pass with one socket send.
+
+    paho sends each packet with its own ``send``: over TLS that is one record
+    and one system call per packet (a publish and a PUBACK per request). Here
+    ``loop_write`` collects what paho would send and writes it at once; bytes
+    the socket does not take stay buffered, in order, until it is writable.
+    Nothing buffered survives a reconnect (QoS 1 messages are re-sent by paho).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._wbuf = bytearray()
+        self._collecting = False
+
+    def _sock_send(self, buf: bytes | bytearray) -> int:
+        if self._collecting:
+            self._wbuf += buf
+            return len(buf)
+        return super()._sock_send(buf)
+
+    def loop_write(self) -> mqtt.MQTTErrorCode:
+        if self._wbuf and not self._flush():
+            return mqtt.MQTT_ERR_SUCCESS
+        self._collecting = True
+        try:
+            rc = super().loop_write()
+        finally:
+            self._collecting = False
+        self._flush()
+        return rc
+
+    def _flush(self) -> bool:
+        """Send buffered bytes; False if the socket could not take them all."""
+        while self._wbuf:
+            try:
+                n = super()._sock_send(bytes(self._wbuf))
+            except BlockingIOError:
+                # paho has just asked for a writable callback (its own
+                # ``want_write`` no longer sees these bytes); the rest waits for it.
+                return False
+            except (OSError, ConnectionError):
+                self._wbuf.clear()
+                return False
+            del self._wbuf[:n]
+        return True
+
+    def reset_buffer(self) -> None:
+        self._wbuf.clear()
+
+
 class MqttClient:
     """One MQTT 5 connection, owned by one asyncio loop."""
 
@@ -132,9 +183,11 @@ class MqttClient:
         self._reconnect_task: asyncio.Task[None] | None = None
         self._hook_tasks: set[asyncio.Task[None]] = set()
         self._sock: Any = None
+        self._writing = False
+        self._flush_scheduled = False
         self.reconnects = 0
 
-        c = mqtt.Client(
+        c = _CoalescingClient(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=mqtt.MQTTv5,
@@ -156,7 +209,7 @@ class MqttClient:
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
         c.on_message = self._on_unrouted
-        self._c = c
+        self._c: _CoalescingClient = c
 
     # -- public API -------------------------------------------------------------------
 
@@ -302,6 +355,7 @@ class MqttClient:
 
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         _nodelay(sock)
+        self._c.reset_buffer()
 
         def attach() -> None:
             assert self._loop is not None
@@ -331,10 +385,25 @@ class MqttClient:
 
     def _on_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         def attach() -> None:
-            if self._loop is not None:
-                self._loop.add_writer(sock, self._c.loop_write)
+            if self._loop is None:
+                return
+            if self._writing:
+                # The socket did not take everything: wait until it is writable.
+                self._loop.add_writer(sock, self._write)
+            elif not self._flush_scheduled:
+                # Everything published during this loop pass goes out in one write.
+                self._flush_scheduled = True
+                self._loop.call_soon(self._write)
 
         self._call(attach)
+
+    def _write(self) -> None:
+        self._flush_scheduled = False
+        self._writing = True
+        try:
+            self._c.loop_write()
+        finally:
+            self._writing = False
 
     def _on_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         def detach() -> None:
