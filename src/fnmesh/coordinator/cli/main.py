@@ -10,6 +10,17 @@ from fnmesh.coordinator.cli.bench_cmd import bench
 from fnmesh.coordinator.cli.bundle_cmd import bundle
 from fnmesh.coordinator.cli.certs_cmd import certs
 from fnmesh.coordinator.cli.common import MeshGroup
+from fnmesh.coordinator.cli.mesh_cmds import (
+    coordinator,
+    deploy,
+    functions,
+    invoke,
+    nodes,
+    placements,
+    push,
+    undeploy,
+)
+from fnmesh.coordinator.cli.up_cmd import up
 
 
 @click.group(cls=MeshGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,6 +33,8 @@ cli.add_command(certs)
 cli.add_command(bundle)
 cli.add_command(bench)
 cli.add_command(agent)
+for _cmd in (up, coordinator, push, deploy, undeploy, functions, nodes, placements, invoke):
+    cli.add_command(_cmd)
 
 
 def main() -> None:

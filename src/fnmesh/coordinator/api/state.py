@@ -1,0 +1,37 @@
+"""What the API handlers share: built at start-up, passed in through the app."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from fnmesh.agent.mqtt import MqttClient
+from fnmesh.certs.identity import Identity
+from fnmesh.certs.trust import TrustStore
+from fnmesh.coordinator.invoker import MqttInvoker
+from fnmesh.coordinator.metrics import CoordinatorMetrics
+from fnmesh.coordinator.reconciler import Reconciler
+from fnmesh.coordinator.registry import Registry
+from fnmesh.coordinator.store import BlobStore, Store
+
+
+@dataclass
+class Context:
+    store: Store
+    blobs: BlobStore
+    registry: Registry
+    reconciler: Reconciler
+    mqtt: MqttClient
+    invoker: MqttInvoker
+    identity: Identity
+    trust: Callable[[], TrustStore]
+    metrics: CoordinatorMetrics
+    audit: Callable[[str, str, dict[str, Any]], None]
+    max_payload: int = 16 << 20
+    invoke_timeout: float = 10.0
+
+
+CTX: web.AppKey[Context] = web.AppKey("ctx", Context)

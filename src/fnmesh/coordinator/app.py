@@ -1,0 +1,229 @@
+"""The coordinator process: REST API over mutual TLS, registry, reconciler.
+
+Resources live in aiohttp ``cleanup_ctx`` generators, started in order and
+closed in reverse: the store, the MQTT connection (with the registry's
+subscriptions and the HTTP invoker), then the reconciler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from fnmesh.agent.mqtt import MqttClient
+from fnmesh.certs import lookup
+from fnmesh.certs.home import DEFAULT_TOPIC_ROOT, Home
+from fnmesh.certs.identity import Role
+from fnmesh.certs.tls import client_context, server_context
+from fnmesh.certs.trust import TrustStore
+from fnmesh.coordinator.api.auth import TRUST_KEY, identity_middleware
+from fnmesh.coordinator.api.routes import routes
+from fnmesh.coordinator.api.state import CTX, Context
+from fnmesh.coordinator.invoker import MqttInvoker
+from fnmesh.coordinator.metrics import CoordinatorMetrics
+from fnmesh.coordinator.reconciler import Reconciler
+from fnmesh.coordinator.registry import NodeView, Registry
+from fnmesh.coordinator.store import BlobStore, Store
+
+log = logging.getLogger("fnmesh.coordinator")
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorConfig:
+    home: Path
+    broker: str
+    host: str = "127.0.0.1"
+    port: int = 8443
+    topic_root: str = DEFAULT_TOPIC_ROOT
+    db_url: str | None = None
+    state_dir: Path | None = None
+    #: How long an offline node keeps its assignment before it is cleared.
+    offline_timeout_s: float = 300.0
+    heartbeat_s: float = 2.0
+    advertise_url: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def state(self) -> Path:
+        return self.state_dir or (self.home / "coordinator")
+
+    @property
+    def url(self) -> str:
+        return self.advertise_url or f"https://{self.host}:{self.port}"
+
+
+class Audit:
+    """Appends one JSON line per change (the hash-chained log comes with the security work)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __call__(self, action: str, who: str, detail: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"ts": time.time(), "action": action, "who": who, **detail}) + "\n")
+
+
+def build_app(cfg: CoordinatorConfig) -> web.Application:
+    home = Home(cfg.home)
+    identity = lookup.identity(home, Role.COORDINATOR, "main")
+    trust_holder = {"store": TrustStore.from_home(home), "mtime": 0.0}
+
+    def trust() -> TrustStore:
+        # The revocation list may be re-signed while we run: reload it when it changes.
+        try:
+            mtime = home.crl.stat().st_mtime
+        except FileNotFoundError:
+            mtime = 0.0
+        if mtime != trust_holder["mtime"]:
+            trust_holder["store"] = TrustStore.from_home(home)
+            trust_holder["mtime"] = mtime
+        store: TrustStore = trust_holder["store"]  # type: ignore[assignment]
+        return store
+
+    app = web.Application(middlewares=[identity_middleware], client_max_size=4 << 30)
+    app[TRUST_KEY] = trust
+    app.router.add_routes(routes)
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        cfg.state.mkdir(parents=True, exist_ok=True)
+        db_url = cfg.db_url or f"sqlite+aiosqlite:///{cfg.state / 'coordinator.db'}"
+        store = await Store.open(db_url)
+        blobs = BlobStore(cfg.state / "blobs")
+        metrics = CoordinatorMetrics()
+        mqtt = MqttClient(
+            cfg.broker,
+            identity.cn,
+            ssl_context=client_context(identity, home.ca_cert),
+            keepalive=10,
+        )
+        reconciler_ref: list[Reconciler] = []
+
+        def changed(name: str, old: NodeView | None, new: NodeView) -> None:
+            if (
+                old is not None
+                and old.state == new.state
+                and old.functions == new.functions
+                and old.draining == new.draining
+            ):
+                return
+            metrics.reconciles.inc()
+            t = asyncio.get_running_loop().create_task(
+                store.upsert_node(
+                    new.name,
+                    new.cn,
+                    new.labels,
+                    new.hardware,
+                    new.state,
+                    {"functions": new.functions, "http": new.http},
+                    new.fingerprint,
+                    new.last_heartbeat or time.time(),
+                )
+            )
+            pending.add(t)
+            t.add_done_callback(pending.discard)
+            if reconciler_ref:
+                reconciler_ref[0].kick()
+
+        pending: set[asyncio.Task[Any]] = set()
+        registry = Registry(heartbeat_period=cfg.heartbeat_s, on_change=changed)
+        registry.load(
+            [
+                NodeView(
+                    name=n.name,
+                    cn=n.cn,
+                    state="unknown",
+                    labels=n.labels,
+                    hardware=n.hardware,
+                    fingerprint=n.fingerprint,
+                    draining=n.draining,
+                    functions=dict(n.status.get("functions", {})),
+                )
+                for n in await store.list_nodes()
+            ]
+        )
+        prefix = f"{cfg.topic_root}/nodes/"
+        mqtt.subscribe(
+            prefix + "+/status",
+            lambda m: registry.on_status(m.topic[len(prefix) :].split("/")[0], m.payload),
+        )
+        mqtt.subscribe(
+            prefix + "+/heartbeat",
+            lambda m: registry.on_heartbeat(m.topic[len(prefix) :].split("/")[0], m.payload),
+            qos=0,
+        )
+        invoker = MqttInvoker(mqtt, cfg.topic_root)
+        reconciler = Reconciler(
+            store=store,
+            blobs=blobs,
+            registry=registry,
+            mqtt=mqtt,
+            home=home,
+            trust=trust,
+            identity=identity,
+            root=cfg.topic_root,
+            coordinator_url=cfg.url,
+            offline_timeout_s=cfg.offline_timeout_s,
+        )
+        reconciler_ref.append(reconciler)
+        app[CTX] = Context(
+            store=store,
+            blobs=blobs,
+            registry=registry,
+            reconciler=reconciler,
+            mqtt=mqtt,
+            invoker=invoker,
+            identity=identity,
+            trust=trust,
+            metrics=metrics,
+            audit=Audit(cfg.state / "audit.jsonl"),
+        )
+        await mqtt.async_start()
+        reconciler.start()
+        reconciler.kick()
+        try:
+            yield
+        finally:
+            await reconciler.async_stop()
+            for t in list(pending):
+                with contextlib.suppress(Exception):
+                    await t
+            await mqtt.async_stop()
+            await store.close()
+
+    app.cleanup_ctx.append(resources)
+    return app
+
+
+async def async_run(cfg: CoordinatorConfig, ready: asyncio.Event | None = None) -> None:
+    """Serve until SIGINT/SIGTERM."""
+    home = Home(cfg.home)
+    identity = lookup.identity(home, Role.COORDINATOR, "main")
+    app = build_app(cfg)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
+    await runner.setup()
+    site = web.TCPSite(
+        runner, cfg.host, cfg.port, ssl_context=server_context(identity, home.ca_cert, home.crl)
+    )
+    await site.start()
+    log.info("coordinator listening on %s", cfg.url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,263 @@
+"""Turning desired state (deployments) into each node's retained assignment.
+
+Each pass: for every deployment, keep the replicas that still fit and are
+live, add replicas on other eligible nodes until the live count reaches the
+target, and keep an offline node's placement until ``offline_timeout_s``
+(a site that was only cut off comes back to what it had, with nothing
+redeployed needlessly). Then every node whose desired set changed gets a new
+retained assignment with the data keys wrapped for it alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+from fnmesh.agent.mqtt import MqttClient
+from fnmesh.certs import keywrap
+from fnmesh.certs.errors import IdentityError
+from fnmesh.certs.home import Home
+from fnmesh.certs.identity import Identity, Role, load_cert
+from fnmesh.certs.trust import TrustStore
+from fnmesh.coordinator.placement import Candidate, choose, fits
+from fnmesh.coordinator.registry import NodeView, Registry
+from fnmesh.coordinator.store import BlobStore, Store
+from fnmesh.functions.bundle import Bundle
+from fnmesh.functions.manifest import Manifest
+
+log = logging.getLogger("fnmesh.coordinator.reconciler")
+
+
+@dataclass(frozen=True, slots=True)
+class Assigned:
+    function: str
+    version: str
+    digest: str
+
+
+class Reconciler:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        blobs: BlobStore,
+        registry: Registry,
+        mqtt: MqttClient,
+        home: Home,
+        trust: Callable[[], TrustStore],
+        identity: Identity,
+        root: str,
+        coordinator_url: str,
+        offline_timeout_s: float = 300.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.blobs = blobs
+        self.registry = registry
+        self.mqtt = mqtt
+        self.home = home
+        self._trust = trust
+        self.identity = identity
+        self.root = root
+        self.coordinator_url = coordinator_url
+        self.offline_timeout_s = offline_timeout_s
+        self._clock = clock
+        self._kick = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._data_keys: dict[str, bytes] = {}
+        self._node_keys: dict[str, X25519PublicKey] = {}
+        self._manifests: dict[tuple[str, str], Manifest] = {}
+        self._lock = asyncio.Lock()
+        self.passes = 0
+        self.idle = asyncio.Event()
+
+    # -- running ----------------------------------------------------------------------
+
+    def kick(self) -> None:
+        self.idle.clear()
+        self._kick.set()
+
+    def start(self, tick_s: float = 1.0) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(tick_s))
+
+    async def async_stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self, tick_s: float) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), tick_s)
+            self._kick.clear()
+            if self.registry.sweep():
+                self._kick.clear()
+            try:
+                await self.reconcile()
+            except Exception:  # keep reconciling: the next pass may succeed
+                log.exception("reconcile pass failed")
+            if not self._kick.is_set():
+                self.idle.set()
+
+    # -- one pass ---------------------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        async with self._lock:
+            self.passes += 1
+            nodes = self.registry.snapshot()
+            now = self._clock()
+            for d in await self.store.list_deployments():
+                manifest = await self._manifest(d.function, d.version)
+                current = await self.store.placements(d.function)
+                chosen = self.place(d, manifest, nodes, current, now)
+                before = sorted((p.node, p.version) for p in current)
+                after = sorted((n, d.version) for n in chosen)
+                if before != after:
+                    log.info(
+                        "placing %s@%s on %s", d.function, d.version, ", ".join(chosen) or "nothing"
+                    )
+                    await self.store.set_placements(d.function, d.version, chosen)
+            await self.publish_assignments(nodes)
+
+    def place(
+        self, d: Any, manifest: Manifest, nodes: dict[str, NodeView], current: list[Any], now: float
+    ) -> list[str]:
+        """The nodes that should hold this deployment after this pass."""
+        where = dict(d.where or {})
+        keep: list[str] = []
+        kept_offline: list[str] = []
+        for p in current:
+            v = nodes.get(p.node)
+            if v is None:
+                continue
+            if v.live and not v.draining and fits(v, manifest, where).ok:
+                keep.append(p.node)
+            elif (
+                not v.live
+                and not v.draining
+                and v.offline_since is not None
+                and now - v.offline_since < self.offline_timeout_s
+            ):
+                kept_offline.append(p.node)
+        eligible = [
+            Candidate(v, len(self._load_of(v.name, nodes)))
+            for v in nodes.values()
+            if v.live and not v.draining and fits(v, manifest, where).ok
+        ]
+        target = max(d.min_replicas, min(d.max_replicas, len(eligible)))
+        target = min(target, d.max_replicas)
+        keep = keep[:target]
+        for c in choose(
+            [c for c in eligible if c.node.name not in keep], target - len(keep), keep, nodes
+        ):
+            keep.append(c.node.name)
+        return keep + [n for n in kept_offline if n not in keep]
+
+    def _load_of(self, node: str, nodes: dict[str, NodeView]) -> dict[str, str]:
+        return nodes[node].functions if node in nodes else {}
+
+    async def _manifest(self, function: str, version: str) -> Manifest:
+        key = (function, version)
+        m = self._manifests.get(key)
+        if m is None:
+            rec = await self.store.get_version(function, version)
+            m = Manifest.model_validate(rec.manifest)
+            self._manifests[key] = m
+        return m
+
+    # -- assignments ------------------------------------------------------------------
+
+    async def publish_assignments(self, nodes: dict[str, NodeView]) -> None:
+        by_node: dict[str, list[Assigned]] = {n: [] for n in nodes}
+        deployments = {d.function: d for d in await self.store.list_deployments()}
+        for p in await self.store.placements():
+            rec = await self.store.get_version(p.function, p.version)
+            by_node.setdefault(p.node, []).append(Assigned(p.function, p.version, rec.digest))
+        for node, items in sorted(by_node.items()):
+            items.sort(key=lambda a: a.function)
+            body_hash = hashlib.sha256(
+                json.dumps([(a.function, a.version, a.digest) for a in items]).encode()
+            ).hexdigest()
+            last = await self.store.last_assignment(node)
+            if last is not None and last[1] == body_hash:
+                continue
+            if last is None and not items:
+                continue
+            view = nodes.get(node)
+            try:
+                functions = [
+                    {
+                        "function": a.function,
+                        "version": a.version,
+                        "digest": a.digest,
+                        "key": base64.b64encode(self._wrap_for(view, node, a.digest)).decode(),
+                        "allow_spill": bool(
+                            getattr(deployments.get(a.function), "allow_spill", False)
+                        ),
+                        "rollback": None,
+                    }
+                    for a in items
+                ]
+            except IdentityError as e:
+                log.warning("cannot assign work to %s: %s", node, e)
+                continue
+            gen = await self.store.next_generation()
+            body = {
+                "node": node,
+                "generation": gen,
+                "coordinator": self.coordinator_url,
+                "functions": functions,
+            }
+            await self.mqtt.async_publish(
+                f"{self.root}/nodes/{node}/assign", json.dumps(body).encode(), qos=1, retain=True
+            )
+            await self.store.record_assignment(node, gen, body_hash)
+            log.info("assignment %d for %s: %s", gen, node, [a.function for a in items])
+
+    def data_key(self, digest: str) -> bytes:
+        dk = self._data_keys.get(digest)
+        if dk is None:
+            assert self.identity.enc_key is not None
+            bundle = Bundle.parse(self.blobs.get(digest))
+            dk = bundle.data_key(self.identity.cn, self.identity.enc_key)
+            self._data_keys[digest] = dk
+        return dk
+
+    def node_key(self, node: str, cn: str | None = None) -> X25519PublicKey:
+        cn = cn or f"{Role.NODE.value}.{node}"
+        pub = self._node_keys.get(cn)
+        if pub is None:
+            cert_path = self.home.identity_dir(cn) / "cert.pem"
+            if not cert_path.exists():
+                cert_path = self.home.root / "enrolled" / f"{cn}.pem"
+            info = self._trust().verify(load_cert(cert_path), role=Role.NODE)
+            if info.x25519 is None:
+                raise IdentityError(f"{cn} has no encryption key")
+            pub = info.x25519
+            self._node_keys[cn] = pub
+        return pub
+
+    def forget_node_key(self, cn: str) -> None:
+        self._node_keys.pop(cn, None)
+
+    def _wrap_for(self, view: NodeView | None, node: str, digest: str) -> bytes:
+        pub = self.node_key(node, view.cn if view and view.cn else None)
+        return keywrap.wrap(self.data_key(digest), pub, bytes.fromhex(digest))
+
+    def bundle_for_node(self, node: str, digest: str) -> bytes:
+        """The bundle with its data key wrapped for ``node`` only."""
+        bundle = Bundle.parse(self.blobs.get(digest))
+        cn = f"{Role.NODE.value}.{node}"
+        return bundle.only_for(self.data_key(digest), cn, self.node_key(node)).to_bytes()
