@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-exec .venv/bin/python -m fnmesh.coordinator.demo "$@"
+home=$(mktemp -d)
+trap 'rm -rf "$home"' EXIT
+.venv/bin/fnmesh up --home "$home" --agents 3 --demo "$@"
