@@ -20,6 +20,7 @@ from fnmesh.coordinator.cli.mesh_cmds import (
     push,
     undeploy,
 )
+from fnmesh.coordinator.cli.router_cmd import router
 from fnmesh.coordinator.cli.up_cmd import up
 
 
@@ -33,7 +34,7 @@ cli.add_command(certs)
 cli.add_command(bundle)
 cli.add_command(bench)
 cli.add_command(agent)
-for _cmd in (up, coordinator, push, deploy, undeploy, functions, nodes, placements, invoke):
+for _cmd in (up, coordinator, router, push, deploy, undeploy, functions, nodes, placements, invoke):
     cli.add_command(_cmd)
 
 
