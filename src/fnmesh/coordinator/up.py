@@ -106,7 +106,9 @@ def prepare_home(home: Home, layout: list[tuple[str, dict[str, str]]]) -> FleetC
     ]
     for role, name, ns in want:
         if not home.identity_dir(f"{role.value}.{name}").exists():
-            ca.issue(role, name, namespace=ns)
+            # Agents serve HTTPS on loopback here: their certificates name it.
+            sans = ["localhost", "127.0.0.1", "::1"] if role == Role.NODE else None
+            ca.issue(role, name, namespace=ns, sans=sans)
     return ca
 
 

@@ -284,6 +284,7 @@ async def list_nodes(request: web.Request) -> web.Response:
                 "functions": v.functions,
                 "load": v.load,
                 "fingerprint": v.fingerprint,
+                "http": v.http,
                 "last_heartbeat_s": round(now - v.last_heartbeat, 3) if v.last_heartbeat else None,
             }
         )

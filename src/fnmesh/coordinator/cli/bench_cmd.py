@@ -115,3 +115,48 @@ def invoke_bench(n: int, inflight: int, as_json: bool) -> None:
             ),
         ],
     )
+
+
+@bench.command("e2e")
+@click.option(
+    "-n", "n", type=int, default=2000, show_default=True, help="Requests per measurement."
+)
+@click.option("--inflight", type=int, default=64, show_default=True)
+@json_option
+def e2e_bench(n: int, inflight: int, as_json: bool) -> None:
+    """Device -> router -> agent over MQTT, and HTTP, vs raw ONNX Runtime and a bare MQTT echo."""
+    from fnmesh.coordinator.bench import e2e as b
+    from fnmesh.coordinator.cli.common import err_console
+
+    f = b.run(n, inflight, progress=lambda s: err_console.print(f"[dim]bench: {s}[/dim]"))
+    if as_json:
+        print_json(f)
+        return
+    rows = [
+        ("raw ORT run, digits (us)", "", f"{f['raw_digits_us']:.1f}", ""),
+        (
+            "MQTT p50, device->router->agent (ms)",
+            f"{f['mqtt_p50_ms']:.3f}",
+            f"{f['echo_p50_ms']:.3f} echo",
+            f"{f['mqtt_vs_echo_p50']:.2f}x",
+        ),
+        ("MQTT p99 (ms)", f"{f['mqtt_p99_ms']:.3f}", f"{f['echo_p99_ms']:.3f} echo", ""),
+        (
+            f"MQTT throughput @{inflight} (req/s)",
+            f"{f['mqtt_rps']:,.0f}",
+            f"{f['echo_rps']:,.0f} echo",
+            f"{f['mqtt_rps'] / f['echo_rps']:.2f}x",
+        ),
+        ("HTTP via coordinator p50 (ms)", f"{f['http_coord_p50_ms']:.3f}", "", ""),
+        (f"HTTP via coordinator @{inflight} (req/s)", f"{f['http_coord_rps']:,.0f}", "", ""),
+    ]
+    if "http_agent_p50_ms" in f:
+        rows += [
+            ("HTTP to the agent p50 (ms)", f"{f['http_agent_p50_ms']:.3f}", "", ""),
+            (f"HTTP to the agent @{inflight} (req/s)", f"{f['http_agent_rps']:,.0f}", "", ""),
+        ]
+    print_table(
+        "end to end (mutual TLS everywhere), baselines from the same run",
+        ["measure", "fnmesh", "baseline", "ratio"],
+        rows,
+    )
