@@ -47,7 +47,7 @@ ROOT = "bench/v1"
 
 def pct(xs: list[float], p: float) -> float:
     s = sorted(xs)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
 @dataclass
@@ -294,7 +294,7 @@ async def _run(n: int, inflight: int, progress: Callable[[str], None]) -> dict[s
             res.put("invoke_p50_ms", pct(inv, 50))
             res.put("invoke_p99_ms", pct(inv, 99))
 
-            progress("throughput at %d in flight" % inflight)
+            progress(f"throughput at {inflight} in flight")
             res.put(
                 "echo_rps", await device.throughput(f"{ROOT}/echo", dig_payloads, n * 2, inflight)
             )
