@@ -120,16 +120,9 @@ class Inbox:
         content_type = getattr(props, "ContentType", None) if props else None
         expiry = getattr(props, "MessageExpiryInterval", None) if props else None
         sink = MqttSink(self, response_topic, correlation, msg.qos)
+        # A tail that is not ``ns/name`` names no served function: the service answers it
+        # ``not_found`` like any other, with the request's id, encoding and reply topic.
         fid = msg.topic[len(self.prefix) :]
-        if fid.count("/") != 1:
-            if sink.accept(None):
-                sink.send(
-                    ErrorReply(
-                        "", ErrorCode.NOT_FOUND, f"topic {msg.topic!r} names no function ns/name"
-                    ),
-                    Encoding.JSON,
-                )
-            return
         try:
             self.service.submit(
                 fid,

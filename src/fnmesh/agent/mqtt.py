@@ -148,6 +148,15 @@ class _CoalescingClient(mqtt.Client):
     def reset_buffer(self) -> None:
         self._wbuf.clear()
 
+    def _sock_close(self) -> None:
+        # paho closes the socket as soon as it has "sent" a DISCONNECT, which here is
+        # still in the buffer: without this the broker sees a dropped link and
+        # publishes the Last Will ("offline" without the node's functions) on every
+        # clean stop.
+        if self._wbuf and self._sock is not None:
+            self._flush()
+        super()._sock_close()
+
 
 class MqttClient:
     """One MQTT 5 connection, owned by one asyncio loop."""

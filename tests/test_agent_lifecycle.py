@@ -1,0 +1,429 @@
+"""The agent's life: presence (retained status, Last Will, heartbeats), clean and violent ends,
+the warm pool's cold starts, and the bundle cache (encrypted at rest, verified on every load,
+rollback memory, disk budget)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import stat
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from agent_support import (
+    NODE,
+    WAIT,
+    Device,
+    Watcher,
+    agent_process,
+    assert_same_outputs,
+    build_bundle,
+    metric,
+    new_root,
+    ort_run,
+    poll,
+    running_agent,
+)
+from conftest import SCALE, Broker, Fleet
+from onnx import TensorProto, helper, numpy_helper
+
+from fnmesh.agent.cache import BundleCache, RollbackError
+from fnmesh.agent.errors import AgentError
+from fnmesh.certs import keywrap
+from fnmesh.certs.errors import KeyWrapError
+from fnmesh.functions import bundle as fnb
+from fnmesh.functions.bundle import Bundle
+from fnmesh.functions.errors import BundleError
+from fnmesh.functions.examples.models import build_example
+from fnmesh.functions.messages import ErrorCode
+
+DIGITS = build_example("digits")
+
+
+def image(n: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+    return DIGITS.sample_inputs(n, seed)
+
+
+# -- presence -------------------------------------------------------------------------------
+
+
+async def test_status_is_retained_ready_with_functions_and_versions(
+    fleet: Fleet, broker: Broker
+) -> None:
+    root = new_root()
+    served = [build_bundle(fleet, "digits"), build_bundle(fleet, "cancer", version="1.2.0")]
+    async with running_agent(fleet, broker, root, served, labels={"region": "eu-west"}) as agent:
+        # Joining after the agent said ready: only a retained status can reach us.
+        async with Watcher(fleet, broker, root) as w:
+            s = await w.wait_for(lambda s: s.get("state") == "ready")
+        assert s["functions"] == {"examples/digits": "1.0.0", "examples/cancer": "1.2.0"}
+        assert (s["node"], s["cn"]) == (NODE, f"node.{NODE}")
+        assert s["labels"] == {"region": "eu-west"}
+        assert s["http"] == f"https://127.0.0.1:{agent.http_port}"
+        assert s["hardware"]["cores"] >= 1
+    # A clean stop leaves "offline" retained.
+    async with Watcher(fleet, broker, root) as w:
+        s = await w.wait_for(lambda s: True)
+    assert s["state"] == "offline"
+    assert s["functions"] == {"examples/digits": "1.0.0", "examples/cancer": "1.2.0"}
+
+
+async def test_heartbeats_carry_load_per_function(fleet: Fleet, broker: Broker) -> None:
+    root = new_root()
+    served = [build_bundle(fleet, "digits"), build_bundle(fleet, "cancer")]
+    async with (
+        Watcher(fleet, broker, root) as w,
+        running_agent(fleet, broker, root, served, heartbeat_s=0.1),
+        Device(fleet, broker, root) as dev,
+    ):
+        first = await w.wait_for(lambda h: True, heartbeat=True)
+        for f in ("examples/digits", "examples/cancer"):
+            load = first["functions"][f]
+            assert set(load) >= {"in_flight", "queued", "batch_ms", "row_ms"}, load
+            assert (load["in_flight"], load["queued"]) == (0, 0)
+        assert first["node"] == NODE
+        assert sorted(first["loaded"]) == ["examples/cancer@1.0.0", "examples/digits@1.0.0"]
+        # After a run the per-function cost estimate is in the heartbeat.
+        (await dev.call("digits", image(4))).ok()
+        hb = await w.wait_for(
+            lambda h: h["functions"]["examples/digits"]["batch_ms"] > 0,
+            heartbeat=True,
+            since=w.heartbeats.index(first) + 1,
+        )
+        assert hb["seq"] > first["seq"]
+        assert hb["functions"]["examples/cancer"]["batch_ms"] == 0
+
+
+async def test_sigterm_exits_zero_within_10s_and_says_offline(
+    fleet: Fleet, broker: Broker, tmp_path: Path
+) -> None:
+    root = new_root()
+    path = tmp_path / "digits.fnb"
+    path.write_bytes(build_bundle(fleet, "digits"))
+    async with agent_process(fleet, broker, root, [path]) as ap, Device(fleet, broker, root) as dev:
+        ready = ap.watcher.status[-1]
+        assert ready["functions"] == {"examples/digits": "1.0.0"}
+        x = image(3, seed=8)
+        r = await dev.call("digits", x)
+        assert_same_outputs(r.ok().outputs, ort_run("digits", x), "subprocess agent")
+        mark = len(ap.watcher.status)
+        ap.proc.send_signal(signal.SIGTERM)
+        assert await ap.wait_exit(10.0) == 0, ap.output()
+        s = await ap.watcher.wait_for(lambda s: s.get("state") == "offline", since=mark)
+        assert "ts" in s, "a clean stop says offline itself (the Last Will has no ts)"
+    # What stays retained is that clean word, not a Last Will fired by a dropped link.
+    async with Watcher(fleet, broker, root) as w:
+        retained = await w.wait_for(lambda s: True)
+    assert retained["state"] == "offline"
+    assert retained["functions"] == {"examples/digits": "1.0.0"}, retained
+
+
+async def test_kill_9_last_will_says_offline(fleet: Fleet, broker: Broker, tmp_path: Path) -> None:
+    root = new_root()
+    path = tmp_path / "digits.fnb"
+    path.write_bytes(build_bundle(fleet, "digits"))
+    async with agent_process(fleet, broker, root, [path]) as ap:
+        mark = len(ap.watcher.status)
+        ap.proc.send_signal(signal.SIGKILL)
+        assert await ap.wait_exit(WAIT) == -signal.SIGKILL
+        s = await ap.watcher.wait_for(lambda s: s.get("state") == "offline", since=mark, timeout=20)
+        assert s == {"node": NODE, "cn": f"node.{NODE}", "state": "offline"}
+    async with Watcher(fleet, broker, root) as w:
+        retained = await w.wait_for(lambda s: True)
+    assert retained["state"] == "offline"
+
+
+async def test_agent_comes_back_after_broker_restart(fleet: Fleet, broker: Broker) -> None:
+    """The agent reconnects by itself, subscribes again and says ready again."""
+    root = new_root()
+    x = image(2, seed=6)
+    async with running_agent(fleet, broker, root, [build_bundle(fleet, "digits")]) as agent:
+        before = time.time()
+        await asyncio.to_thread(broker.restart)
+        async with Watcher(fleet, broker, root) as w:
+            await w.wait_for(lambda s: s.get("state") == "ready" and s["ts"] > before)
+        assert agent.mqtt.reconnects >= 1
+        async with Device(fleet, broker, root) as dev:
+            r = await dev.call("digits", x)
+        assert_same_outputs(r.ok().outputs, ort_run("digits", x), "after the restart")
+
+
+# -- no plaintext model on disk, whenever the agent dies ------------------------------------------
+
+
+def big_model(megabytes: float) -> bytes:
+    """y = x @ W with a random float32 W of about ``megabytes``: slow enough to load to be
+    caught in the middle, and fresh random bytes each run, so 64 of them identify it."""
+    rows = 2048
+    cols = max(16, int(megabytes * (1 << 20) / 4 / rows))
+    w = np.random.default_rng().standard_normal((rows, cols)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", rows])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", cols])],
+        [numpy_helper.from_array(w, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+def files_holding(needles: list[bytes], roots: list[Path], limit: int = 256 << 20) -> list[str]:
+    """Regular files under ``roots`` whose first ``limit`` bytes hold any of ``needles``."""
+    seen: set[tuple[int, int]] = set()
+    hits: list[str] = []
+    for root in roots:
+        for dirpath, _dirs, names in os.walk(root):
+            for name in names:
+                p = os.path.join(dirpath, name)
+                try:
+                    st = os.lstat(p)
+                    if not stat.S_ISREG(st.st_mode) or st.st_size < 64:
+                        continue
+                    if (st.st_dev, st.st_ino) in seen:
+                        continue
+                    seen.add((st.st_dev, st.st_ino))
+                    with open(p, "rb") as f:
+                        data = f.read(limit)
+                except OSError:
+                    continue
+                if any(n in data for n in needles):
+                    hits.append(p)
+    return hits
+
+
+def rchar(pid: int) -> int:
+    """Bytes the process has read so far (any file or socket)."""
+    with open(f"/proc/{pid}/io") as f:
+        return int(f.read().split()[1])
+
+
+async def test_kill_9_while_loading_leaves_no_plaintext_model_on_disk(
+    fleet: Fleet, broker: Broker, tmp_path: Path
+) -> None:
+    root = new_root()
+    model = big_model(40 * SCALE)
+    needles = [model[o : o + 64] for o in (len(model) // 7 * k for k in range(1, 7))]
+    needles.append(model[-64:])
+    assert len(set(needles)) == len(needles)
+    nodes = ("vault-0", "vault-1", "vault-2")
+    data = build_bundle(fleet, model, name="examples/big", nodes=nodes)
+    digest = Bundle.parse(data).digest
+    path = tmp_path / "big.fnb"
+    path.write_bytes(data)
+    child_tmp = tmp_path / "child-tmp"
+    child_tmp.mkdir()
+    roots = [fleet.home.root, Path("/tmp"), Path("/var/tmp"), Path("/dev/shm")]
+    roots += [Path(tempfile.gettempdir()), child_tmp]
+    roots = [r for r in dict.fromkeys(roots) if r.exists()]
+
+    # The search finds plaintext where there is some.
+    control = tmp_path / "control.bin"
+    control.write_bytes(b"\0" * 1000 + needles[3] + b"\0" * 1000)
+    assert str(control) in files_holding(needles, roots)
+    control.unlink()
+
+    async def kill_when(node: str, moment: str) -> None:
+        async with agent_process(
+            fleet,
+            broker,
+            root,
+            [path],
+            node=node,
+            wait_ready=False,
+            env={"TMPDIR": str(child_tmp)},
+        ) as ap:
+            stored = ap.state / "cache" / "bundles"
+            final = stored / f"{digest}.fnb"
+            if moment == "storing":  # the first byte of the cache appears (usually mid-write)
+                await poll(lambda: stored.exists() and any(stored.iterdir()), moment, 30)
+            elif moment == "stored":
+                await poll(final.exists, moment, 30)
+            elif moment == "decrypting":
+                # It has read the bundle twice: once from --serve, once back from the cache.
+                await poll(lambda: rchar(ap.proc.pid) >= 2 * len(data), moment, 30)
+            else:  # fully loaded and serving
+                ready = await ap.wait_ready()
+                assert ready["functions"] == {"examples/big": "1.0.0"}
+            ap.proc.send_signal(signal.SIGKILL)
+            assert await ap.wait_exit(WAIT) == -signal.SIGKILL, ap.output()
+
+    moments = [("vault-0", "storing"), ("vault-1", "stored"), ("vault-2", "decrypting")]
+    # Last: restart the node first killed mid-store; it recovers, loads, and dies loaded.
+    moments.append(("vault-0", "loaded"))
+    for node, moment in moments:
+        await kill_when(node, moment)
+        leaked = files_holding(needles, roots)
+        assert not leaked, f"plaintext model bytes on disk after kill -9 while {moment}: {leaked}"
+
+    for node in nodes:
+        cached = fleet.home.root / "agent" / node / "cache" / "bundles" / f"{digest}.fnb"
+        assert cached.exists(), f"{node} has no cached bundle"
+        at_rest = Bundle.parse(cached.read_bytes())
+        assert at_rest.digest == digest
+        assert set(at_rest.wrapped) == {f"node.{node}"}, "the cache keeps only this node's key"
+        assert not any(n in cached.read_bytes() for n in needles)
+
+
+# -- warm pool ---------------------------------------------------------------------------------
+
+
+async def test_cold_start_then_warm_then_cold_after_idle_ttl(fleet: Fleet, broker: Broker) -> None:
+    root = new_root()
+    key = ("examples/digits", "1.0.0")
+    x = image(2, seed=3)
+    want = ort_run("digits", x)
+    async with (
+        running_agent(
+            fleet, broker, root, [build_bundle(fleet, "digits")], prewarm=False, idle_ttl_s=0.2
+        ) as agent,
+        Device(fleet, broker, root) as dev,
+    ):
+        assert not agent.pool.is_warm(key)
+        first = (await dev.call("digits", x)).ok()
+        assert first.timing.cold_start is True
+        assert_same_outputs(first.outputs, want, "cold")
+        second = (await dev.call("digits", x)).ok()
+        assert second.timing.cold_start is False
+        assert_same_outputs(second.outputs, want, "warm")
+        # Idle past the TTL: the agent's own sweeper unloads it.
+        await poll(lambda: not agent.pool.is_warm(key), "unloaded after the idle TTL", WAIT, 0.02)
+        third = (await dev.call("digits", x)).ok()
+        assert third.timing.cold_start is True
+        assert_same_outputs(third.outputs, want, "cold again")
+        assert metric(agent, "fnmesh_agent_cold_starts_total", function="examples/digits") == 2
+        assert agent.pool.stats().expirations >= 1
+
+
+# -- the bundle cache ------------------------------------------------------------------------------
+
+
+async def test_rollback_refused(fleet: Fleet, broker: Broker) -> None:
+    root = new_root()
+    v2 = build_bundle(fleet, "digits", version="2.0.0")
+    v1 = build_bundle(fleet, "digits", version="1.0.0")
+    x = image(2, seed=4)
+    async with (
+        running_agent(fleet, broker, root, [v2]) as agent,
+        Device(fleet, broker, root) as dev,
+    ):
+        with pytest.raises(RollbackError, match=r"older than 2\.0\.0"):
+            await agent.async_serve_bundle(v1)
+        r = (await dev.call("digits", x)).ok()
+        assert r.version == "2.0.0"
+        assert {f: s.manifest.version for f, s in agent.service.slots().items()} == {
+            "examples/digits": "2.0.0"
+        }
+    # Remembered across restarts: a new agent on the same state dir refuses it too.
+    async with running_agent(fleet, broker, root) as agent:
+        assert agent.cache.highest("examples/digits") == "2.0.0"
+        with pytest.raises(RollbackError):
+            await agent.async_serve_bundle(v1)
+        assert agent.service.slots() == {}
+        state = agent.cfg.state
+    node = fleet.node(NODE)
+    assert node.enc_key is not None
+    cache = BundleCache(state / "cache", node.cn, node.enc_key, fleet.trust)
+    v1_digest = Bundle.parse(v1).digest
+    with pytest.raises(RollbackError):
+        cache.open(v1_digest)
+    assert cache.open(v1_digest, allow_rollback=True).manifest.version == "1.0.0"
+
+
+async def test_bundle_without_key_for_this_node_refused(fleet: Fleet, broker: Broker) -> None:
+    root = new_root()
+    elsewhere = build_bundle(fleet, "digits", nodes=["paris-2"])
+    async with running_agent(fleet, broker, root) as agent:
+        with pytest.raises(AgentError, match=f"no key for node.{NODE}"):
+            await agent.async_serve_bundle(elsewhere)
+        assert agent.service.slots() == {}
+        assert list((agent.cfg.state / "cache" / "bundles").iterdir()) == []
+
+
+async def test_key_of_another_node_relabelled_as_ours_refused(fleet: Fleet, broker: Broker) -> None:
+    root = new_root()
+    b = Bundle.parse(build_bundle(fleet, "digits", nodes=["paris-2"]))
+    stolen = {f"node.{NODE}": b.wrapped["node.paris-2"]}
+    forged = Bundle.parse(
+        fnb.Bundle(
+            manifest_bytes=b.manifest_bytes,
+            manifest=b.manifest,
+            signatures_bytes=b.signatures_bytes,
+            keys_bytes=fnb._keys_section(b.suite, stolen),
+            wrapped=stolen,
+            suite=b.suite,
+            keys_mac=b.keys_mac,
+            ciphertext=b.ciphertext,
+        ).to_bytes()
+    )
+    assert forged.suite == keywrap.SUITE_NAME
+    async with running_agent(fleet, broker, root) as agent:
+        with pytest.raises((KeyWrapError, BundleError, AgentError)):
+            await agent.async_serve_bundle(forged.to_bytes())
+        assert agent.service.slots() == {}
+        assert list((agent.cfg.state / "cache" / "bundles").iterdir()) == []
+
+
+def test_disk_budget_removes_unpinned_least_recently_used(fleet: Fleet, tmp_path: Path) -> None:
+    node = fleet.node(NODE)
+    assert node.enc_key is not None
+    made = [build_bundle(fleet, "cancer", version=f"1.0.{i}") for i in range(4)]
+    a, b, c, d = (Bundle.parse(m).digest for m in made)
+    cache = BundleCache(tmp_path / "cache", node.cn, node.enc_key, fleet.trust)
+    cache.put(made[0])
+    # Room for two cached bundles (as stored: reduced to this node's key), not three.
+    budget = cache.budget_bytes = int(cache.usage() * 2.5)
+    cache.put(made[1])
+    assert (cache.has(a), cache.has(b)) == (True, True)
+    # a is older, but it is used (opened) after b was stored: b is the least recently used.
+    os.utime(cache.path(a), (1000, 1000))
+    os.utime(cache.path(b), (2000, 2000))
+    cache.open(a)
+    cache.put(made[2])
+    assert (cache.has(a), cache.has(b), cache.has(c)) == (True, False, True)
+    assert cache.usage() <= budget
+    # Pinned (being served) survives even when it is the least recently used.
+    os.utime(cache.path(a), (1000, 1000))
+    os.utime(cache.path(c), (2000, 2000))
+    cache.put(made[3], pinned={a})
+    assert (cache.has(a), cache.has(c), cache.has(d)) == (True, False, True)
+    assert cache.usage() <= budget
+    # What is left still opens.
+    assert cache.open(d).manifest.version == "1.0.3"
+
+
+TAMPERS = {
+    "bit_flip_in_ciphertext": (lambda data, other: data[:-1] + bytes([data[-1] ^ 1]), "tampered"),
+    "truncated": (lambda data, other: data[:-100], "truncated"),
+    "swapped_for_another_bundle": (lambda data, other: other, "holds bundle"),
+}
+
+
+@pytest.mark.parametrize("tamper", list(TAMPERS))
+async def test_tampered_cached_bundle_refused_at_load(
+    fleet: Fleet, broker: Broker, tamper: str
+) -> None:
+    root = new_root()
+    change, words = TAMPERS[tamper]
+    digits, cancer = build_bundle(fleet, "digits"), build_bundle(fleet, "cancer")
+    async with (
+        running_agent(fleet, broker, root, [digits, cancer], prewarm=False) as agent,
+        Device(fleet, broker, root) as dev,
+    ):
+        slots = agent.service.slots()
+        path = agent.cache.path(slots["examples/digits"].digest)
+        other = agent.cache.path(slots["examples/cancer"].digest)
+        path.write_bytes(change(path.read_bytes(), other.read_bytes()))
+        err = (await dev.call("digits", image(), id="t")).error()
+        assert err.code is ErrorCode.INTERNAL
+        assert "examples/digits@1.0.0" in err.message and words in err.message, err.message
+        assert not agent.pool.is_warm(("examples/digits", "1.0.0"))
+        # Other functions are still served.
+        x = build_example("cancer").sample_inputs(3, seed=2)
+        r = await dev.call("cancer", x)
+        assert_same_outputs(r.ok().outputs, ort_run("cancer", x), "cancer after the tamper")
