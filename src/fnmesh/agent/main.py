@@ -28,6 +28,7 @@ from fnmesh.agent.metrics import AgentMetrics
 from fnmesh.agent.mqtt import MqttClient
 from fnmesh.agent.presence import Presence, offline_will
 from fnmesh.agent.probe import Hardware, probe
+from fnmesh.agent.revocation import RevocationFollower
 from fnmesh.agent.service import InvocationService
 from fnmesh.agent.warm_pool import PoolKey, WarmPool, threaded
 from fnmesh.certs import lookup
@@ -36,6 +37,7 @@ from fnmesh.certs.home import DEFAULT_TOPIC_ROOT, Home
 from fnmesh.certs.identity import Identity, Role
 from fnmesh.certs.tls import client_context, server_context
 from fnmesh.certs.trust import TrustStore
+from fnmesh.errors import MeshError
 from fnmesh.functions.bundle import Bundle
 
 log = logging.getLogger("fnmesh.agent")
@@ -132,6 +134,8 @@ class Agent:
             period_s=cfg.heartbeat_s,
         )
         self._local: set[str] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.revoked_functions: dict[str, str] = {}
         self.assignments = Assignments(
             node_cn=self.identity.cn,
             node=cfg.name,
@@ -141,6 +145,9 @@ class Agent:
             ssl_context=client_context(self.identity, self.home.ca_cert),
             local=lambda: self._local,
             on_change=self._async_status_if_connected,
+        )
+        self.revocations = RevocationFollower(
+            lambda: self.trust, self._set_trust, self._async_on_revocations
         )
         self.http_port = 0
         self._runner: Any = None
@@ -168,6 +175,8 @@ class Agent:
             "functions": {fid: s.manifest.version for fid, s in self.service.slots().items()},
             "heartbeat_s": self.cfg.heartbeat_s,
             "assignment": self.assignments.status(),
+            "revoked": dict(self.revoked_functions),
+            "crl_stale": self.revocations.stale(),
         }
 
     def load_report(self) -> dict[str, Any]:
@@ -177,6 +186,26 @@ class Agent:
             "loaded": [f"{k[0]}@{k[1]}" for k in stats.loaded],
             "pool_bytes": stats.bytes,
         }
+
+    def _spawn(self, coro: Any) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    def _set_trust(self, trust: TrustStore) -> None:
+        self.trust = trust
+        self.cache.trust = trust
+
+    async def _async_on_revocations(self, trust: TrustStore) -> None:
+        """Stop serving every function whose publisher is now revoked."""
+        for fid, slot in self.service.slots().items():
+            try:
+                self.cache.manifest(slot.digest)
+            except MeshError as e:
+                log.warning("no longer serving %s@%s: %s", fid, slot.manifest.version, e)
+                self.revoked_functions[fid] = str(e)
+                await self.service.async_remove(fid)
+        await self._async_status_if_connected()
 
     async def _async_status_if_connected(self) -> None:
         if self.mqtt.connected:
@@ -214,6 +243,11 @@ class Agent:
     async def async_start(self) -> None:
         self.pool.start_sweeper(min(30.0, max(1.0, self.cfg.idle_ttl_s / 4)))
         self.inbox.start()
+        self.mqtt.subscribe(
+            f"{self.cfg.topic_root}/crl",
+            lambda msg: self._spawn(self.revocations.async_on_message(msg.payload)),
+            qos=1,
+        )
         self.mqtt.add_connect_hook(self.presence.async_publish_status)
         app = build_app(self.service, self.metrics)
         tls = server_context(self.identity, self.home.ca_cert, self.home.crl)
@@ -240,6 +274,8 @@ class Agent:
         self.service.stop_accepting()
         await self.presence.async_stop()
         await self.assignments.async_stop()
+        for t in list(self._tasks):
+            t.cancel()
         await self.service.async_close(max(0.5, end - loop.time()) * 0.6)
         if self.mqtt.connected:
             with contextlib.suppress(Exception):

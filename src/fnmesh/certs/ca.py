@@ -299,12 +299,21 @@ class FleetCA:
         return [records[i] for i in hits]
 
     def build_crl(self) -> x509.CertificateRevocationList:
+        """Sign a new list. Each carries a CRL Number one higher than the last, so a
+        holder can always tell a newer list from an older one."""
         now = _now()
+        number_path = self.home.ca_dir / "crlnumber"
+        try:
+            number = int(number_path.read_text().strip()) + 1
+        except FileNotFoundError:
+            number = 1
+        write_atomic(number_path, str(number).encode())
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(self.cert.subject)
             .last_update(now - timedelta(minutes=5))
             .next_update(now + timedelta(days=CRL_DAYS))
+            .add_extension(x509.CRLNumber(number), critical=False)
         )
         for r in self._load_issued():
             if r.revoked_at:

@@ -56,8 +56,12 @@ class TrustStore:
     def with_crl(self, crl: x509.CertificateRevocationList) -> TrustStore:
         """A store with a newer list; an older or foreign list is refused."""
         check_crl(crl, self.ca)
-        if self.crl is not None and crl.last_update_utc < self.crl.last_update_utc:
-            raise TrustError("revocation list is older than the one already held")
+        if self.crl is not None:
+            held, new = crl_number(self.crl), crl_number(crl)
+            if new < held or (new == held and crl.last_update_utc < self.crl.last_update_utc):
+                raise TrustError(f"revocation list number {new} is older than the one held ({held})")
+            if new == held and frozenset(r.serial_number for r in crl) != self.revoked:
+                raise TrustError(f"revocation list number {new} differs from the one held with that number")
         return TrustStore.build(self.ca, crl)
 
     def verify(
@@ -121,6 +125,14 @@ class TrustStore:
         if len(self._chain_ok) < 4096:
             self._chain_ok[key] = info
         return info
+
+
+def crl_number(crl: x509.CertificateRevocationList) -> int:
+    """The list's CRL Number (0 when it has none)."""
+    try:
+        return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+    except x509.ExtensionNotFound:
+        return 0
 
 
 def load_crl(raw: bytes, ca: x509.Certificate) -> x509.CertificateRevocationList:

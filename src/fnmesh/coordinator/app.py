@@ -33,6 +33,7 @@ from fnmesh.coordinator.invoker import MqttInvoker
 from fnmesh.coordinator.metrics import CoordinatorMetrics
 from fnmesh.coordinator.reconciler import Reconciler
 from fnmesh.coordinator.registry import NodeView, Registry
+from fnmesh.coordinator.revocation import CrlPublisher
 from fnmesh.coordinator.store import BlobStore, Store
 
 log = logging.getLogger("fnmesh.coordinator")
@@ -188,13 +189,17 @@ def build_app(cfg: CoordinatorConfig) -> web.Application:
             metrics=metrics,
             audit=Audit(cfg.state / "audit.jsonl"),
         )
+        crl = CrlPublisher(home.crl, mqtt, cfg.topic_root)
         await mqtt.async_start()
+        await crl.async_check()
+        crl.start()
         reconciler.start()
         reconciler.kick()
         try:
             yield
         finally:
             await reconciler.async_stop()
+            await crl.async_stop()
             for t in list(pending):
                 with contextlib.suppress(Exception):
                     await t
