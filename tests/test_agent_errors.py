@@ -367,11 +367,6 @@ HW = probe()
 
 
 @pytest.mark.skipif(HW.has_gpu, reason="needs a node without a GPU")
-@pytest.mark.xfail(
-    strict=True,
-    reason="Agent.async_serve_bundle registers the slot before pre-warming and does not take "
-    "it back when the load fails: the function stays served and advertised in the status",
-)
 async def test_function_that_cannot_load_here_is_not_advertised(
     fleet: Fleet, broker: Broker
 ) -> None:

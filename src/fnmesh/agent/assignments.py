@@ -30,6 +30,7 @@ from fnmesh.agent.cache import BundleCache
 from fnmesh.agent.service import InvocationService
 from fnmesh.agent.warm_pool import WarmPool
 from fnmesh.errors import MeshError
+from fnmesh.functions.bundle import Bundle
 
 log = logging.getLogger("fnmesh.agent.assign")
 
@@ -94,6 +95,7 @@ class Assignments:
         ssl_context: ssl.SSLContext,
         local: Callable[[], set[str]],
         on_change: Callable[[], Awaitable[None]],
+        switch: Callable[[Bundle], Awaitable[None]],
     ) -> None:
         self.node_cn = node_cn
         self.node = node
@@ -103,6 +105,7 @@ class Assignments:
         self._ssl = ssl_context
         self._local = local
         self._on_change = on_change
+        self._switch = switch
         self.generation = -1
         self.current: dict[str, Entry] = {}
         self.allow_spill: dict[str, bool] = {}
@@ -196,8 +199,7 @@ class Assignments:
                 f"the assignment says {e.function}@{e.version}"
             )
         self.cache.check_version(bundle.manifest, allow_rollback=False)
-        self.service.serve(bundle.manifest, bundle.digest)
-        await self.pool.async_prewarm((e.function, e.version))
+        await self._switch(bundle)
 
     async def _fetch(self, coordinator: str, digest: str) -> bytes:
         url = f"{coordinator.rstrip('/')}/v1/nodes/{self.node}/bundles/{digest}"

@@ -136,6 +136,7 @@ class Agent:
         self._local: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.revoked_functions: dict[str, str] = {}
+        self.load_errors: dict[str, str] = {}
         self.assignments = Assignments(
             node_cn=self.identity.cn,
             node=cfg.name,
@@ -145,6 +146,7 @@ class Agent:
             ssl_context=client_context(self.identity, self.home.ca_cert),
             local=lambda: self._local,
             on_change=self._async_status_if_connected,
+            switch=self.async_switch,
         )
         self.revocations = RevocationFollower(
             lambda: self.trust, self._set_trust, self._async_on_revocations
@@ -176,6 +178,7 @@ class Agent:
             "heartbeat_s": self.cfg.heartbeat_s,
             "assignment": self.assignments.status(),
             "revoked": dict(self.revoked_functions),
+            "load_errors": dict(self.load_errors),
             "crl_stale": self.revocations.stale(),
         }
 
@@ -226,17 +229,35 @@ class Agent:
         return ex
 
     async def async_serve_bundle(self, data: bytes, *, prewarm: bool = True) -> Bundle:
-        """Store a bundle (it must carry a key for this node) and start serving it."""
+        """Store a bundle (it must carry a key for this node) and start serving it.
+
+        With ``prewarm``, a version that cannot load here is taken back (the
+        previous one, if any, keeps serving) and the error is raised.
+        """
         loop = asyncio.get_running_loop()
         pinned = {s.digest for s in self.service.slots().values()}
         bundle = await loop.run_in_executor(None, lambda: self.cache.put(data, pinned=pinned))
         self.cache.check_version(bundle.manifest, allow_rollback=False)
-        self.service.serve(bundle.manifest, bundle.digest)
-        if prewarm:
-            await self.pool.async_prewarm((bundle.manifest.name, bundle.manifest.version))
+        await self.async_switch(bundle, prewarm=prewarm)
         if self.mqtt.connected:
             await self.presence.async_publish_status()
         return bundle
+
+    async def async_switch(self, bundle: Bundle, *, prewarm: bool = True) -> None:
+        """Serve ``bundle``'s version, loading it first when ``prewarm``; undo on failure."""
+        m = bundle.manifest
+        previous = self.service.slots().get(m.name)
+        self.service.serve(m, bundle.digest)
+        if not prewarm:
+            return
+        try:
+            await self.pool.async_prewarm((m.name, m.version))
+        except MeshError:
+            if previous is not None and previous.digest != bundle.digest:
+                self.service.serve(previous.manifest, previous.digest)
+            elif previous is None:
+                await self.service.async_remove(m.name)
+            raise
 
     # -- life cycle -----------------------------------------------------------------
 
@@ -255,7 +276,13 @@ class Agent:
             app, self.cfg.http_host, self.cfg.http_port, tls
         )
         for path in self.cfg.serve:
-            b = await self.async_serve_bundle(path.read_bytes())
+            try:
+                b = await self.async_serve_bundle(path.read_bytes())
+            except MeshError as e:
+                # One bundle that cannot be served here must not keep the node down.
+                log.error("not serving %s: %s", path, e)
+                self.load_errors[str(path)] = str(e)
+                continue
             self._local.add(b.manifest.name)
         self.assignments.start()
         self.mqtt.subscribe(
