@@ -8,9 +8,9 @@ import time
 
 from aiohttp import web
 
-from fnmesh.agent.inbox import encode_result
 from fnmesh.agent.metrics import AgentMetrics
-from fnmesh.agent.service import InvocationService, Result
+from fnmesh.agent.replies import Result, encode_result
+from fnmesh.agent.service import InvocationService
 from fnmesh.functions.messages import Encoding, ErrorCode, ErrorReply, Response
 
 SERVICE_KEY = web.AppKey("service", InvocationService)

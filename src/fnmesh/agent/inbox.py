@@ -17,31 +17,18 @@ import paho.mqtt.client as mqtt
 
 from fnmesh.agent.metrics import AgentMetrics
 from fnmesh.agent.mqtt import MqttClient, properties
-from fnmesh.agent.service import InvocationService, Result
-from fnmesh.functions.errors import MessageError
+from fnmesh.agent.replies import Result, encode_result
+from fnmesh.agent.service import InvocationService
 from fnmesh.functions.messages import (
     Encoding,
     ErrorCode,
     ErrorReply,
-    Response,
-    encode_error,
-    encode_response,
 )
 
 if TYPE_CHECKING:
     from paho.mqtt.properties import Properties
 
 log = logging.getLogger("fnmesh.agent.inbox")
-
-
-def encode_result(result: Result, encoding: Encoding) -> bytes:
-    """Bytes of an answer; an output the wire cannot carry becomes an ``internal`` error."""
-    if isinstance(result, Response):
-        try:
-            return encode_response(result, encoding)
-        except MessageError as e:
-            result = ErrorReply(result.id, ErrorCode.INTERNAL, f"cannot encode the outputs: {e}")
-    return encode_error(result, encoding)
 
 
 class MqttSink:
@@ -72,8 +59,10 @@ class MqttSink:
         return True
 
     def send(self, result: Result, encoding: Encoding) -> None:
+        self.send_encoded(encode_result(result, encoding), encoding)
+
+    def send_encoded(self, payload: bytes, encoding: Encoding) -> None:
         assert self.topic is not None
-        payload = encode_result(result, encoding)
         props = properties(content_type=encoding.content_type, correlation=self._correlation)
         self._inbox.client.publish(self.topic, payload, self._qos, False, props)
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from fnmesh.agent.assignments import Assignments
 from fnmesh.agent.cache import BundleCache
+from fnmesh.agent.dedup import ReplyCache
 from fnmesh.agent.executors import load_executor
 from fnmesh.agent.executors.base import Executor
 from fnmesh.agent.http import async_start_http, build_app
@@ -63,6 +64,8 @@ class AgentConfig:
     heartbeat_s: float = 2.0
     keepalive_s: int = 5
     cache_budget_mb: int = 2048
+    #: How long an answer is kept for a retried request (0 = no duplicate suppression).
+    dedup_window_s: float = 300.0
     serve: tuple[Path, ...] = ()
     state_dir: Path | None = None
 
@@ -114,6 +117,7 @@ class Agent:
             self.metrics,
             threads=cfg.threads or max(1, cores),
             max_queue=cfg.max_queue,
+            dedup=ReplyCache(ttl_s=cfg.dedup_window_s) if cfg.dedup_window_s > 0 else None,
         )
         self.mqtt = MqttClient(
             cfg.broker,

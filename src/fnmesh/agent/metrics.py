@@ -44,6 +44,11 @@ class AgentMetrics:
             ["function"],
             registry=self.registry,
         )
+        self.duplicates = Counter(
+            "fnmesh_agent_duplicates",
+            "Retried requests answered from their first execution.",
+            registry=self.registry,
+        )
         self._node = labels
         self._answer_cache: dict[tuple[str, str], Counter] = {}
 
@@ -61,6 +66,9 @@ class AgentMetrics:
         self.run_ms.labels(function).observe(run_ms)
         if cold:
             self.cold_starts.labels(function).inc()
+
+    def duplicate(self) -> None:
+        self.duplicates.inc()
 
     def refused(self, reason: str) -> None:
         self.refused_reply.labels(reason).inc()

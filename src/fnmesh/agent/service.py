@@ -16,13 +16,15 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from fnmesh.agent.admission import ServiceTime, admit
 from fnmesh.agent.batcher import Batcher, Pending, RunBatch
+from fnmesh.agent.dedup import Key, ReplyCache
 from fnmesh.agent.metrics import AgentMetrics
+from fnmesh.agent.replies import Result, encode_result
 from fnmesh.agent.warm_pool import PoolKey, WarmPool
 from fnmesh.errors import MeshError
 from fnmesh.functions.manifest import Manifest
@@ -42,7 +44,29 @@ log = logging.getLogger("fnmesh.agent")
 #: Payload limit applied before the function is known (an unknown function's request).
 DEFAULT_MAX_PAYLOAD = 1 << 20
 
-Result = Response | ErrorReply
+
+class _Recording:
+    """Wraps the first execution's sink: stores the answer and answers waiting duplicates."""
+
+    __slots__ = ("_cache", "_inner", "_key", "topic")
+
+    def __init__(self, inner: Any, cache: ReplyCache, key: Key) -> None:
+        self._inner = inner
+        self._cache = cache
+        self._key = key
+        self.topic = key[0]
+
+    def accept(self, reply_to: str | None) -> bool:
+        return True
+
+    def send(self, result: Result, encoding: Encoding) -> None:
+        payload = encode_result(result, encoding)
+        waiters = self._cache.complete(
+            self._key, payload, encoding, store=isinstance(result, Response)
+        )
+        self._inner.send_encoded(payload, encoding)
+        for w in waiters:
+            w.send_encoded(payload, encoding)
 
 
 class Sink(Protocol):
@@ -95,9 +119,11 @@ class InvocationService:
         *,
         threads: int = 2,
         max_queue: int = 1024,
+        dedup: ReplyCache | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.node = node
+        self.dedup = dedup
         self.pool = pool
         self.metrics = metrics
         self.max_queue = max_queue
@@ -193,6 +219,13 @@ class InvocationService:
         rid = req.id if req.id is not None else (correlation_id or "")
         if not sink.accept(req.reply_to):
             return
+        scope = getattr(sink, "topic", None)
+        if self.dedup is not None and scope and (req.id is not None or correlation_id):
+            key: Key = (scope, req.id or "", correlation_id or "")
+            if not self.dedup.begin(key, sink):
+                self.metrics.duplicate()
+                return
+            sink = _Recording(sink, self.dedup, key)
         enc = req.encoding
         if slot is None or not self._accepting:
             why = (
