@@ -427,3 +427,17 @@ async def test_tampered_cached_bundle_refused_at_load(
         x = build_example("cancer").sample_inputs(3, seed=2)
         r = await dev.call("cancer", x)
         assert_same_outputs(r.ok().outputs, ort_run("cancer", x), "cancer after the tamper")
+
+
+async def test_heartbeat_reports_rtt_and_utilisation(fleet: Fleet, broker: Broker) -> None:
+    """Heartbeats carry the node's measured round trip to the broker and its utilisation."""
+    root = new_root()
+    async with (
+        running_agent(fleet, broker, root, heartbeat_s=0.2),
+        Watcher(fleet, broker, root) as w,
+    ):
+        beat = await w.wait_for(
+            lambda b: "broker" in b.get("rtt_ms", {}), heartbeat=True, timeout=10
+        )
+        assert 0 < beat["rtt_ms"]["broker"] < 1000
+        assert "cpu_percent" in beat["utilisation"]

@@ -107,6 +107,7 @@ class Assignments:
         self._on_change = on_change
         self._switch = switch
         self.generation = -1
+        self.coordinator_url: str | None = None
         self.current: dict[str, Entry] = {}
         self.allow_spill: dict[str, bool] = {}
         self._pending: Assignment | None = None
@@ -157,6 +158,8 @@ class Assignments:
 
     async def async_apply(self, a: Assignment) -> None:
         self.generation = a.generation
+        if a.coordinator:
+            self.coordinator_url = a.coordinator
         wanted = {e.function: e for e in a.entries}
         errors: dict[str, str] = {}
         for fid, e in wanted.items():

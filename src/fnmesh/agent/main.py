@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from fnmesh.agent.inbox import Inbox
 from fnmesh.agent.metrics import AgentMetrics
 from fnmesh.agent.mqtt import MqttClient
 from fnmesh.agent.presence import Presence, offline_will
-from fnmesh.agent.probe import Hardware, probe
+from fnmesh.agent.probe import Hardware, probe, utilisation
 from fnmesh.agent.revocation import RevocationFollower
 from fnmesh.agent.service import InvocationService
 from fnmesh.agent.warm_pool import PoolKey, WarmPool, threaded
@@ -136,7 +137,9 @@ class Agent:
             describe=self.describe,
             load=self.load_report,
             period_s=cfg.heartbeat_s,
+            probe_coordinator=self._async_probe_coordinator,
         )
+        self._http_client: Any = None
         self._local: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.revoked_functions: dict[str, str] = {}
@@ -186,12 +189,33 @@ class Agent:
             "crl_stale": self.revocations.stale(),
         }
 
+    async def _async_probe_coordinator(self) -> float | None:
+        """Round trip of one HTTPS call to the coordinator (a kept-alive connection), in ms."""
+        url = self.assignments.coordinator_url
+        if not url:
+            return None
+        import aiohttp
+
+        if self._http_client is None:
+            self._http_client = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=max(1.0, 2 * self.cfg.heartbeat_s))
+            )
+        ctx = client_context(self.identity, self.home.ca_cert)
+        t0 = time.perf_counter()
+        try:
+            async with self._http_client.get(f"{url.rstrip('/')}/v1/health", ssl=ctx) as r:
+                await r.read()
+        except (aiohttp.ClientError, TimeoutError):
+            return None
+        return (time.perf_counter() - t0) * 1000
+
     def load_report(self) -> dict[str, Any]:
         stats = self.pool.stats()
         return {
             "functions": self.service.load(),
             "loaded": [f"{k[0]}@{k[1]}" for k in stats.loaded],
             "pool_bytes": stats.bytes,
+            "utilisation": utilisation(),
         }
 
     def _spawn(self, coro: Any) -> None:
@@ -315,6 +339,9 @@ class Agent:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._http_client is not None:
+            await self._http_client.close()
+            self._http_client = None
         await self.pool.async_close(max(0.5, end - loop.time()))
         self._stopped.set()
 

@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fnmesh.agent.mqtt import MqttClient, TransportError, Will
@@ -40,6 +40,7 @@ class Presence:
         describe: Callable[[], dict[str, Any]],
         load: Callable[[], dict[str, Any]],
         period_s: float = 2.0,
+        probe_coordinator: Callable[[], Awaitable[float | None]] | None = None,
     ) -> None:
         self.client = client
         self.root = root
@@ -49,6 +50,8 @@ class Presence:
         self.period_s = period_s
         self._task: asyncio.Task[None] | None = None
         self.state = "ready"
+        self.rtt_ms: dict[str, float] = {}
+        self._probe_coordinator = probe_coordinator
         self.seq = 0
 
     async def async_publish_status(self, state: str | None = None) -> None:
@@ -68,13 +71,30 @@ class Presence:
             if not self.client.connected:
                 continue
             self.seq += 1
-            body = {"node": self.node, "seq": self.seq, "ts": time.time(), **self._load()}
+            body = {
+                "node": self.node,
+                "seq": self.seq,
+                "ts": time.time(),
+                "rtt_ms": dict(self.rtt_ms),
+                **self._load(),
+            }
+            # The heartbeat is published at QoS 1 and its PUBACK timed: that round
+            # trip is the node's RTT to the broker, reported in the next heartbeat.
+            t0 = time.perf_counter()
             try:
-                self.client.publish(
-                    heartbeat_topic(self.root, self.node), json.dumps(body).encode(), qos=0
+                await self.client.async_publish(
+                    heartbeat_topic(self.root, self.node),
+                    json.dumps(body).encode(),
+                    qos=1,
+                    timeout=max(1.0, 3 * self.period_s),
                 )
-            except TransportError as e:
-                log.debug("heartbeat not sent: %s", e)
+                self.rtt_ms["broker"] = round((time.perf_counter() - t0) * 1000, 3)
+            except (TransportError, TimeoutError) as e:
+                log.debug("heartbeat not acknowledged: %s", e)
+            if self._probe_coordinator is not None:
+                rtt = await self._probe_coordinator()
+                if rtt is not None:
+                    self.rtt_ms["coordinator"] = round(rtt, 3)
 
     async def async_stop(self) -> None:
         if self._task is not None:
