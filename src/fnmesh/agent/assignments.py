@@ -163,6 +163,7 @@ class Assignments:
         wanted = {e.function: e for e in a.entries}
         errors: dict[str, str] = {}
         for fid, e in wanted.items():
+            self.allow_spill[fid] = e.allow_spill
             if fid in self._local():
                 continue
             try:

@@ -64,20 +64,29 @@ class ReplyCache:
         Otherwise the duplicate is taken care of: answered from the store, or
         queued behind the running first execution.
         """
-        now = self._clock()
-        self._expire(now)
+        if self.join(key, sink):
+            return False
+        self.start(key)
+        return True
+
+    def join(self, key: Key, sink: EncodedSink) -> bool:
+        """Take care of a duplicate of a known request; False if ``key`` is new."""
+        self._expire(self._clock())
         e = self._d.get(key)
         if e is None:
-            self._d[key] = _Entry(now)
-            self._bound()
-            return True
+            return False
         if e.payload is not None and e.encoding is not None:
             self.replayed += 1
             sink.send_encoded(e.payload, e.encoding)
         else:
             self.joined += 1
             e.waiters.append(sink)
-        return False
+        return True
+
+    def start(self, key: Key) -> None:
+        """Remember that ``key`` is running (after it was admitted)."""
+        self._d[key] = _Entry(self._clock())
+        self._bound()
 
     def complete(
         self, key: Key, payload: bytes, encoding: Encoding, *, store: bool

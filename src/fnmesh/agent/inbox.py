@@ -34,15 +34,21 @@ log = logging.getLogger("fnmesh.agent.inbox")
 class MqttSink:
     """The reply address of one MQTT request."""
 
-    __slots__ = ("_correlation", "_inbox", "_qos", "_response_topic", "topic")
+    __slots__ = ("_correlation", "_inbox", "_msg", "_qos", "_response_topic", "topic")
 
     def __init__(
-        self, inbox: Inbox, response_topic: str | None, correlation: bytes | None, qos: int
+        self,
+        inbox: Inbox,
+        response_topic: str | None,
+        correlation: bytes | None,
+        qos: int,
+        msg: mqtt.MQTTMessage | None = None,
     ):
         self._inbox = inbox
         self._response_topic = response_topic
         self._correlation = correlation
         self._qos = qos
+        self._msg = msg
         self.topic: str | None = None
 
     def accept(self, reply_to: str | None) -> bool:
@@ -60,6 +66,27 @@ class MqttSink:
 
     def send(self, result: Result, encoding: Encoding) -> None:
         self.send_encoded(encode_result(result, encoding), encoding)
+
+    def spill(self, function_id: str) -> bool:
+        """Hand the request, unchanged, to the routers' spill topic; False if it cannot be."""
+        msg = self._msg
+        if msg is None:
+            return False
+        props = getattr(msg, "properties", None)
+        expiry = getattr(props, "MessageExpiryInterval", None) if props else None
+        self._inbox.client.publish(
+            f"{self._inbox.spill_prefix}{function_id}",
+            msg.payload,
+            msg.qos,
+            False,
+            properties(
+                content_type=getattr(props, "ContentType", None) if props else None,
+                correlation=self._correlation,
+                response_topic=self._response_topic,
+                expiry=expiry,
+            ),
+        )
+        return True
 
     def send_encoded(self, payload: bytes, encoding: Encoding) -> None:
         assert self.topic is not None
@@ -83,10 +110,14 @@ class Inbox:
         self.service = service
         self.metrics = metrics
         self.prefix = f"{root}/nodes/{node}/invoke/"
+        self.spill_inbox = f"{root}/nodes/{node}/spill/"
+        self.spill_prefix = f"{root}/spill/"
         self.replies = f"{root}/replies/"
 
     def start(self) -> None:
         self.client.subscribe(self.prefix + "#", self._on_message, qos=1)
+        # Requests spilled here by routers (this node is a cloud replica): never spilled again.
+        self.client.subscribe(self.spill_inbox + "#", self._on_spilled, qos=1)
 
     def reply_allowed(self, topic: str) -> bool:
         return (
@@ -101,17 +132,20 @@ class Inbox:
         self.metrics.refused(reason)
         log.warning("dropped a request: %s", message)
 
-    def _on_message(self, msg: mqtt.MQTTMessage) -> None:
+    def _on_spilled(self, msg: mqtt.MQTTMessage) -> None:
+        self._on_message(msg, spilled=True)
+
+    def _on_message(self, msg: mqtt.MQTTMessage, spilled: bool = False) -> None:
         received = time.monotonic()
         props: Properties | None = getattr(msg, "properties", None)
         response_topic = getattr(props, "ResponseTopic", None) if props else None
         correlation = getattr(props, "CorrelationData", None) if props else None
         content_type = getattr(props, "ContentType", None) if props else None
         expiry = getattr(props, "MessageExpiryInterval", None) if props else None
-        sink = MqttSink(self, response_topic, correlation, msg.qos)
+        sink = MqttSink(self, response_topic, correlation, msg.qos, None if spilled else msg)
         # A tail that is not ``ns/name`` names no served function: the service answers it
         # ``not_found`` like any other, with the request's id, encoding and reply topic.
-        fid = msg.topic[len(self.prefix) :]
+        fid = msg.topic[len(self.spill_inbox if spilled else self.prefix) :]
         try:
             self.service.submit(
                 fid,
@@ -121,6 +155,7 @@ class Inbox:
                 received=received,
                 correlation_id=correlation.hex() if correlation else None,
                 expires=received + expiry if expiry else None,
+                spilled=spilled,
             )
         except Exception:  # nothing a request carries may stop the inbox
             log.exception("unexpected failure handling a request on %s", msg.topic)

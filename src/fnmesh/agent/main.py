@@ -119,6 +119,7 @@ class Agent:
             threads=cfg.threads or max(1, cores),
             max_queue=cfg.max_queue,
             dedup=ReplyCache(ttl_s=cfg.dedup_window_s) if cfg.dedup_window_s > 0 else None,
+            spill_allowed=lambda fid: self.assignments.allow_spill.get(fid, False),
         )
         self.mqtt = MqttClient(
             cfg.broker,

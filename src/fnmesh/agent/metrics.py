@@ -49,6 +49,12 @@ class AgentMetrics:
             "Retried requests answered from their first execution.",
             registry=self.registry,
         )
+        self.spills = Counter(
+            "fnmesh_agent_spilled",
+            "Requests handed back to the routers for the cloud, by function.",
+            ["function"],
+            registry=self.registry,
+        )
         self._node = labels
         self._answer_cache: dict[tuple[str, str], Counter] = {}
 
@@ -66,6 +72,9 @@ class AgentMetrics:
         self.run_ms.labels(function).observe(run_ms)
         if cold:
             self.cold_starts.labels(function).inc()
+
+    def spill(self, function: str) -> None:
+        self.spills.labels(function).inc()
 
     def duplicate(self) -> None:
         self.duplicates.inc()

@@ -120,10 +120,12 @@ class InvocationService:
         threads: int = 2,
         max_queue: int = 1024,
         dedup: ReplyCache | None = None,
+        spill_allowed: Callable[[str], bool] = lambda _fid: False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.node = node
         self.dedup = dedup
+        self.spill_allowed = spill_allowed
         self.pool = pool
         self.metrics = metrics
         self.max_queue = max_queue
@@ -219,13 +221,15 @@ class InvocationService:
         rid = req.id if req.id is not None else (correlation_id or "")
         if not sink.accept(req.reply_to):
             return
+        # A retry of a request already running or answered is taken care of here,
+        # before it could be refused afresh.
+        key: Key | None = None
         scope = getattr(sink, "topic", None)
         if self.dedup is not None and scope and (req.id is not None or correlation_id):
-            key: Key = (scope, req.id or "", correlation_id or "")
-            if not self.dedup.begin(key, sink):
+            key = (scope, req.id or "", correlation_id or "")
+            if self.dedup.join(key, sink):
                 self.metrics.duplicate()
                 return
-            sink = _Recording(sink, self.dedup, key)
         enc = req.encoding
         if slot is None or not self._accepting:
             why = (
@@ -280,6 +284,11 @@ class InvocationService:
             deadline=deadline,
         )
         if not verdict.admitted:
+            if not spilled and self.spill_allowed(function_id):
+                spill = getattr(sink, "spill", None)
+                if spill is not None and spill(function_id):
+                    self.metrics.spill(function_id)
+                    return
             self._fail(
                 function_id,
                 sink,
@@ -289,6 +298,9 @@ class InvocationService:
                 f"{function_id} on {self.node}: {verdict.reason}",
             )
             return
+        if key is not None and self.dedup is not None:
+            self.dedup.start(key)
+            sink = _Recording(sink, self.dedup, key)
         b.submit(
             Pending(
                 inputs=req.inputs,

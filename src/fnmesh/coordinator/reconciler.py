@@ -206,6 +206,7 @@ class Reconciler:
                         "allow_spill": bool(
                             getattr(deployments.get(a.function), "allow_spill", False)
                         ),
+                        "regions": list((await self._manifest(a.function, a.version)).data.regions),
                         "rollback": None,
                     }
                     for a in items

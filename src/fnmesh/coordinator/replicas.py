@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +105,8 @@ class NodeEntry:
     reported: float = 0.0
     #: Requests this router forwarded here since the last heartbeat.
     forwards: int = 0
+    #: function -> (allow_spill, allowed regions) from the assignment.
+    rules: dict[str, tuple[bool, tuple[str, ...]]] = field(default_factory=dict)
 
     def hosts(self, function: str) -> bool:
         if self.assigned is not None:
@@ -192,15 +194,21 @@ class ReplicaTable:
         if not isinstance(items, list):
             raise ControlMessageError("assign needs 'functions', a list")
         assigned: dict[str, str] = {}
+        rules: dict[str, tuple[bool, tuple[str, ...]]] = {}
         for item in items:
             if not isinstance(item, Mapping):
                 raise ControlMessageError("assign 'functions' entries must be maps")
             fid, version = item.get("function"), item.get("version", "")
             if not isinstance(fid, str) or not isinstance(version, str):
                 raise ControlMessageError("assign entries need 'function' and 'version' strings")
+            regions = item.get("regions", [])
+            if not isinstance(regions, list) or not all(isinstance(r, str) for r in regions):
+                raise ControlMessageError("assign 'regions' must be a list of strings")
             assigned[fid] = version
+            rules[fid] = (bool(item.get("allow_spill", False)), tuple(regions))
         entry = self._entry(node)
         entry.assigned = assigned
+        entry.rules = rules
         self._reindex(entry)
 
     def apply_heartbeat(self, node: str, body: Mapping[str, Any], now: float) -> None:
@@ -261,8 +269,50 @@ class ReplicaTable:
                 out.append(self._replica(entry, function))
         return out
 
-    def choose(self, function: str, now: float, rng: random.Random) -> Choice:
-        """The least loaded live replica with room (ties at random), or why there is none."""
+    def spill_rules(self, function: str) -> tuple[bool, tuple[str, ...]]:
+        """Whether ``function`` may spill, and the regions its data may go to (any assignment says)."""
+        for entry in self.nodes.values():
+            rule = entry.rules.get(function)
+            if rule is not None:
+                return rule
+        return (False, ())
+
+    def choose_spill(self, function: str, now: float, rng: random.Random) -> Choice:
+        """A live ``tier=cloud`` replica inside the function's allowed regions, or ``saturated``.
+
+        Residency is checked here again, whatever the edge node that spilled believed.
+        """
+        allowed, regions = self.spill_rules(function)
+        if not allowed:
+            return Choice(None, ErrorCode.SATURATED, f"{function} may not spill to the cloud")
+
+        def cloud_in_region(entry: NodeEntry) -> str | None:
+            if entry.labels.get("tier") != "cloud":
+                return "not a cloud node"
+            if regions and entry.labels.get("region") not in regions:
+                return f"region {entry.labels.get('region')!r} is outside {list(regions)}"
+            return None
+
+        choice = self.choose(function, now, rng, accept=cloud_in_region)
+        if choice.replica is None:
+            return Choice(
+                None,
+                ErrorCode.SATURATED,
+                f"no allowed cloud capacity for {function}: {choice.reason}",
+            )
+        return choice
+
+    def choose(
+        self,
+        function: str,
+        now: float,
+        rng: random.Random,
+        accept: Callable[[NodeEntry], str | None] | None = None,
+    ) -> Choice:
+        """The least loaded live replica with room (ties at random), or why there is none.
+
+        ``accept`` narrows the candidates (None = any), saying why it refuses one.
+        """
         hosts = self._hosts.get(function)
         if not hosts:
             return Choice(None, ErrorCode.NOT_FOUND, f"no node serves {function}")
@@ -274,6 +324,8 @@ class ReplicaTable:
         for name in hosts:
             entry = self.nodes[name]
             why = self.why_not_live(entry, function, now)
+            if why is None and accept is not None:
+                why = accept(entry)
             if why is not None:
                 if len(down) < 5:
                     down.append(f"{name}: {why}")

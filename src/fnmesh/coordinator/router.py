@@ -115,6 +115,12 @@ class RouterMetrics:
         )
         # Labelled children, cached: the fast path pays a dict lookup, not a label resolution.
         self._fwd: dict[tuple[str, str], Any] = {}
+        self._spilled = Counter(
+            "fnmesh_router_spilled",
+            "Spilled requests placed on a cloud replica, by function.",
+            ["function"],
+            registry=self.registry,
+        )
 
     def forwarded(self, function: str, node: str) -> None:
         c = self._fwd.get((function, node))
@@ -122,6 +128,9 @@ class RouterMetrics:
             # Only hosted functions and known nodes get here, so the label set stays bounded.
             c = self._fwd[(function, node)] = self._forwarded.labels(function, node)
         c.inc()
+
+    def spilled(self, function: str) -> None:
+        self._spilled.labels(function).inc()
 
     def answered(self, code: ErrorCode) -> None:
         self._answered.labels(code.value).inc()
@@ -449,6 +458,8 @@ class Router:
         root = cfg.topic_root
         self.replies = f"{root}/replies/"
         self.invoke_filter = f"$share/{cfg.share_group}/{root}/fn/+/+/invoke"
+        self.spill_filter = f"$share/{cfg.share_group}/{root}/spill/+/+"
+        self._spill_prefix = f"{root}/spill/"
         self._fn_prefix = f"{root}/fn/"
         self._nodes_prefix = f"{root}/nodes/"
         self._held: list[mqtt.MQTTMessage] = []
@@ -472,6 +483,7 @@ class Router:
         self.client.subscribe(f"{root}/nodes/+/heartbeat", self._on_heartbeat, qos=0)
         # QoS 2 so a request keeps whatever QoS the device gave it.
         self.client.subscribe(self.invoke_filter, self._on_request, qos=2)
+        self.client.subscribe(self.spill_filter, self._on_spill, qos=2)
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -503,12 +515,13 @@ class Router:
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         if self.client.connected:
-            try:
-                await self.client.async_unsubscribe(
-                    self.invoke_filter, timeout=max(0.5, (end - loop.time()) / 3)
-                )
-            except (TransportError, TimeoutError) as e:
-                log.warning("could not leave the shared subscription: %s", e)
+            for shared in (self.invoke_filter, self.spill_filter):
+                try:
+                    await self.client.async_unsubscribe(
+                        shared, timeout=max(0.5, (end - loop.time()) / 4)
+                    )
+                except (TransportError, TimeoutError) as e:
+                    log.warning("could not leave the shared subscription %s: %s", shared, e)
             try:
                 await self.client.async_drain(max(0.5, (end - loop.time()) / 2))
             except TimeoutError:
@@ -602,6 +615,43 @@ class Router:
             log.warning("dropped a request on %s: %s", msg.topic[:200], e)
         except Exception:  # nothing a request carries may stop the router
             log.exception("unexpected failure routing a request on %s", msg.topic[:200])
+            self.client.ack(msg)
+
+    def _on_spill(self, msg: mqtt.MQTTMessage) -> None:
+        """A request an edge node could not admit: place it on an allowed cloud replica."""
+        if not self.client.subscribed:
+            self._held.append(msg)
+            return
+        try:
+            now = time.monotonic()
+            fid = msg.topic[len(self._spill_prefix) :]
+            ns, sep, name = fid.partition("/")
+            if not (sep and ns and name and "/" not in name):
+                self._answer(msg, ErrorCode.NOT_FOUND, f"topic {msg.topic[:200]!r} names no function")
+                return
+            choice = self.table.choose_spill(fid, now, self.rng)
+            if choice.replica is None:
+                self._answer(msg, ErrorCode.SATURATED, choice.reason)
+                return
+            props, expired = relay_properties(msg.properties, now - msg.timestamp)
+            if expired:
+                self._answer(msg, ErrorCode.TIMEOUT, "the request expired before it was spilled")
+                return
+            self.client.relay(
+                f"{self._nodes_prefix}{choice.replica.node}/spill/{fid}",
+                msg.payload,
+                msg.qos,
+                props,
+                after=msg,
+            )
+            self.table.note_forward(choice.replica.node)
+            self.metrics.forwarded(fid, choice.replica.node)
+            self.metrics.spilled(fid)
+        except TransportError as e:
+            self.metrics.undelivered("publish_failed")
+            log.warning("dropped a spilled request on %s: %s", msg.topic[:200], e)
+        except Exception:  # nothing a request carries may stop the router
+            log.exception("unexpected failure spilling a request on %s", msg.topic[:200])
             self.client.ack(msg)
 
     def _function_of(self, topic: str) -> str | None:
