@@ -107,6 +107,10 @@ class NodeEntry:
     forwards: int = 0
     #: function -> (allow_spill, allowed regions) from the assignment.
     rules: dict[str, tuple[bool, tuple[str, ...]]] = field(default_factory=dict)
+    #: function -> latency objective (ms) from the assignment.
+    objectives: dict[str, float] = field(default_factory=dict)
+    #: The node's round trip to the broker, from its heartbeats (ms).
+    rtt_ms: float = 0.0
 
     def hosts(self, function: str) -> bool:
         if self.assigned is not None:
@@ -195,6 +199,7 @@ class ReplicaTable:
             raise ControlMessageError("assign needs 'functions', a list")
         assigned: dict[str, str] = {}
         rules: dict[str, tuple[bool, tuple[str, ...]]] = {}
+        objectives: dict[str, float] = {}
         for item in items:
             if not isinstance(item, Mapping):
                 raise ControlMessageError("assign 'functions' entries must be maps")
@@ -206,9 +211,12 @@ class ReplicaTable:
                 raise ControlMessageError("assign 'regions' must be a list of strings")
             assigned[fid] = version
             rules[fid] = (bool(item.get("allow_spill", False)), tuple(regions))
+            if _positive(item.get("latency_ms")):
+                objectives[fid] = float(item["latency_ms"])
         entry = self._entry(node)
         entry.assigned = assigned
         entry.rules = rules
+        entry.objectives = objectives
         self._reindex(entry)
 
     def apply_heartbeat(self, node: str, body: Mapping[str, Any], now: float) -> None:
@@ -226,7 +234,10 @@ class ReplicaTable:
                 batch_ms=_number(figures, "batch_ms"),
                 row_ms=_number(figures, "row_ms"),
             )
+        rtt = body.get("rtt_ms", {})
         entry = self._entry(node)
+        if isinstance(rtt, Mapping) and _positive(rtt.get("broker")):
+            entry.rtt_ms = float(rtt["broker"])
         entry.load = load
         entry.reported = sum(f.in_flight + f.queued for f in load.values())
         entry.forwards = 0
@@ -269,6 +280,24 @@ class ReplicaTable:
                 out.append(self._replica(entry, function))
         return out
 
+    def estimate_ms(self, entry: NodeEntry, function: str) -> float:
+        """Expected latency of one more request on ``entry``: RTT + queue wait + run time.
+
+        The wait is node-wide (functions share the node's executor threads): every
+        reported in-flight or queued row at its function's per-row time, plus this
+        router's forwards since the last heartbeat; the request itself costs one batch.
+        """
+        fl = entry.load.get(function, FunctionLoad())
+        wait = sum((f.in_flight + f.queued) * f.row_ms for f in entry.load.values())
+        return entry.rtt_ms + wait + entry.forwards * fl.row_ms + fl.batch_ms
+
+    def objective(self, function: str) -> float | None:
+        for entry in self.nodes.values():
+            ms = entry.objectives.get(function)
+            if ms is not None:
+                return ms
+        return None
+
     def spill_rules(self, function: str) -> tuple[bool, tuple[str, ...]]:
         """Whether ``function`` may spill, and the regions its data may go to (any assignment says)."""
         for entry in self.nodes.values():
@@ -309,15 +338,14 @@ class ReplicaTable:
         rng: random.Random,
         accept: Callable[[NodeEntry], str | None] | None = None,
     ) -> Choice:
-        """The least loaded live replica with room (ties at random), or why there is none.
+        """The live replica with room expected to answer first, or why there is none.
 
         ``accept`` narrows the candidates (None = any), saying why it refuses one.
         """
         hosts = self._hosts.get(function)
         if not hosts:
             return Choice(None, ErrorCode.NOT_FOUND, f"no node serves {function}")
-        best: list[NodeEntry] = []
-        best_load = math.inf
+        candidates: list[NodeEntry] = []
         full = 0
         down: list[str] = []
         limit = self.queue_limit
@@ -334,13 +362,15 @@ class ReplicaTable:
             if fl is not None and fl.queued >= limit:
                 full += 1
                 continue
-            load = entry.reported + entry.forwards
-            if load < best_load:
-                best, best_load = [entry], load
-            elif load == best_load:
-                best.append(entry)
-        if best:
-            entry = best[0] if len(best) == 1 else rng.choice(best)
+            candidates.append(entry)
+        if candidates:
+            # Lowest estimated latency (load breaks ties); over many replicas, the
+            # better of two drawn at random (power of two choices) keeps this O(1).
+            pair = candidates if len(candidates) <= 8 else rng.sample(candidates, 2)
+            entry = min(
+                pair,
+                key=lambda e: (self.estimate_ms(e, function), e.reported + e.forwards, rng.random()),
+            )
             return Choice(self._replica(entry, function))
         if full:
             return Choice(

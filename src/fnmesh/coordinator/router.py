@@ -676,8 +676,20 @@ class Router:
         if expired:
             self._answer(msg, ErrorCode.TIMEOUT, "the request expired before it was routed")
             return
+        inbox = "invoke"
+        objective = self.table.objective(fid)
+        if objective is not None and replica.labels.get("tier") != "cloud":
+            edge_ms = self.table.estimate_ms(self.table.nodes[replica.node], fid)
+            if edge_ms > objective:
+                # The edge would break the objective: an allowed cloud replica, if faster.
+                cloud = self.table.choose_spill(fid, now, self.rng).replica
+                if cloud is not None and (
+                    self.table.estimate_ms(self.table.nodes[cloud.node], fid) < edge_ms
+                ):
+                    replica, inbox = cloud, "spill"
+                    self.metrics.spilled(fid)
         self.client.relay(
-            f"{self._nodes_prefix}{replica.node}/invoke/{fid}",
+            f"{self._nodes_prefix}{replica.node}/{inbox}/{fid}",
             msg.payload,
             msg.qos,
             props,
