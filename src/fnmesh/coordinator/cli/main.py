@@ -7,6 +7,7 @@ import click
 from fnmesh import __version__
 from fnmesh.coordinator.cli.agent_cmd import agent
 from fnmesh.coordinator.cli.bench_cmd import bench
+from fnmesh.coordinator.cli.broker_cmd import broker
 from fnmesh.coordinator.cli.bundle_cmd import bundle
 from fnmesh.coordinator.cli.certs_cmd import certs
 from fnmesh.coordinator.cli.common import MeshGroup
@@ -33,6 +34,7 @@ def cli() -> None:
 cli.add_command(certs)
 cli.add_command(bundle)
 cli.add_command(bench)
+cli.add_command(broker)
 cli.add_command(agent)
 for _cmd in (up, coordinator, router, push, deploy, undeploy, functions, nodes, placements, invoke):
     cli.add_command(_cmd)

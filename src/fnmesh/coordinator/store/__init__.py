@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fnmesh.coordinator.store.blobs import BlobStore, check_digest
 from fnmesh.coordinator.store.records import (
+    AuditEntry,
     DeploymentRecord,
     FunctionRecord,
     NodeRecord,
@@ -13,6 +14,7 @@ from fnmesh.coordinator.store.records import (
 from fnmesh.coordinator.store.store import Store, sqlite_url
 
 __all__ = [
+    "AuditEntry",
     "BlobStore",
     "DeploymentRecord",
     "FunctionRecord",

@@ -72,3 +72,21 @@ class PlacementRecord:
     version: str
     node: str
     since: float
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One entry of the hash-chained audit log.
+
+    ``hash`` is SHA-256 over the canonical JSON of every other field (see
+    :mod:`fnmesh.coordinator.audit`); ``prev_hash`` is the previous entry's
+    ``hash``, so changing or removing any entry breaks the chain after it.
+    """
+
+    seq: int
+    ts: float
+    who: str
+    action: str
+    detail: dict[str, Any]
+    prev_hash: str
+    hash: str

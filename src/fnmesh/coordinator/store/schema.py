@@ -124,3 +124,54 @@ assignments = Table(
     Column("body_hash", String(128), nullable=False),
     Column("recorded_at", Double, nullable=False),
 )
+
+
+# -- who may invoke what (the broker's ACL is generated from these) ------------------
+
+grants = Table(
+    "grants",
+    metadata,
+    #: A device CN (``device.meter-17``) or a group (``group:NAME``).
+    Column("subject", String(255), primary_key=True),
+    Column("function", String(255), primary_key=True),
+    Column("granted_at", Double, nullable=False),
+    Index("ix_grants_function", "function"),
+)
+
+members = Table(
+    "members",
+    metadata,
+    Column("group", String(255), primary_key=True),
+    #: A device CN.
+    Column("device", String(255), primary_key=True),
+    Column("added_at", Double, nullable=False),
+    Index("ix_members_device", "device"),
+)
+
+# -- the hash-chained audit log ---------------------------------------------------------
+
+audit = Table(
+    "audit",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("ts", Double, nullable=False),
+    Column("who", String(255), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("detail", JSON, nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+
+#: One row: the last entry's seq and hash, advanced in the same transaction as each append,
+#: so a truncated tail is visible and appends serialise on it.
+audit_head = Table(
+    "audit_head",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("hash", String(64), nullable=False),
+    CheckConstraint("id = 1", name="audit_head_one_row"),
+)
+
+#: ``prev_hash`` of the first audit entry (and the head's hash while the log is empty).
+AUDIT_GENESIS = "0" * 64

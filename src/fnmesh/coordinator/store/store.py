@@ -12,14 +12,14 @@ database.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from sqlalchemy import Table, delete, event, func, select, text, update
+from sqlalchemy import Table, delete, event, func, literal, select, text, update
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection, make_url
@@ -36,6 +36,7 @@ from fnmesh.coordinator.errors import (
 from fnmesh.coordinator.store import schema as s
 from fnmesh.coordinator.store.blobs import BlobStore, check_digest
 from fnmesh.coordinator.store.records import (
+    AuditEntry,
     DeploymentRecord,
     FunctionRecord,
     NodeRecord,
@@ -148,6 +149,18 @@ def _node(row: Any) -> NodeRecord:
     )
 
 
+def _audit(row: Any) -> AuditEntry:
+    return AuditEntry(
+        seq=int(row.seq),
+        ts=float(row.ts),
+        who=row.who,
+        action=row.action,
+        detail=dict(row.detail),
+        prev_hash=row.prev_hash,
+        hash=row.hash,
+    )
+
+
 def _placement(row: Any) -> PlacementRecord:
     return PlacementRecord(
         function=row.function, version=row.version, node=row.node, since=float(row.since)
@@ -156,7 +169,8 @@ def _placement(row: Any) -> PlacementRecord:
 
 class Store:
     """The coordinator's state: functions and versions, deployments, nodes, placements,
-    and the generations of node assignments. Open with :meth:`Store.open`."""
+    the generations of node assignments, grants and groups, and the audit log.
+    Open with :meth:`Store.open`."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
@@ -211,6 +225,9 @@ class Store:
             )
             for name in s.COUNTERS:
                 await conn.execute(self._insert_ignore(s.counters, {"name": name, "value": 0}))
+            await conn.execute(
+                self._insert_ignore(s.audit_head, {"id": 1, "seq": 0, "hash": s.AUDIT_GENESIS})
+            )
             found = (await conn.execute(select(s.schema_version.c.version))).scalar_one()
         if found != s.SCHEMA_VERSION:
             raise StoreError(
@@ -655,6 +672,149 @@ class Store:
                 )
             ).first()
         return None if row is None else (int(row.generation), str(row.body_hash))
+
+    # -- grants and groups ------------------------------------------------------
+
+    async def add_grant(self, subject: str, function: str) -> bool:
+        """Let ``subject`` (a device CN or ``group:NAME``) invoke ``function``.
+
+        False if it already could (granting twice is a no-op).
+        """
+        _check_function(function)
+        stmt = self._insert_ignore(
+            s.grants, {"subject": subject, "function": function, "granted_at": time.time()}
+        ).returning(s.grants.c.subject)
+        async with self._tx(write=True) as conn:
+            return (await conn.execute(stmt)).first() is not None
+
+    async def remove_grant(self, subject: str, function: str) -> bool:
+        """Withdraw one grant; False if there was none."""
+        key = (s.grants.c.subject == subject) & (s.grants.c.function == function)
+        async with self._tx(write=True) as conn:
+            result = await conn.execute(delete(s.grants).where(key))
+        return bool(result.rowcount)
+
+    async def add_member(self, group: str, device: str) -> bool:
+        """Put a device (CN) in a group; False if it already was."""
+        stmt = self._insert_ignore(
+            s.members, {"group": group, "device": device, "added_at": time.time()}
+        ).returning(s.members.c.device)
+        async with self._tx(write=True) as conn:
+            return (await conn.execute(stmt)).first() is not None
+
+    async def add_members(self, group: str, devices: Sequence[str]) -> int:
+        """Put many devices in a group in one transaction; returns how many were new."""
+        now = time.time()
+        rows = [{"group": group, "device": d, "added_at": now} for d in dict.fromkeys(devices)]
+        if not rows:
+            return 0
+        count = select(func.count()).select_from(s.members).where(s.members.c.group == group)
+        dialect = pg_dialect if self._dialect == "postgresql" else sqlite_dialect
+        async with self._tx(write=True) as conn:
+            before = (await conn.execute(count)).scalar_one()
+            await conn.execute(dialect.insert(s.members).on_conflict_do_nothing(), rows)
+            after = (await conn.execute(count)).scalar_one()
+        return int(after) - int(before)
+
+    async def remove_member(self, group: str, device: str) -> bool:
+        """Take a device out of a group; False if it was not in it."""
+        key = (s.members.c.group == group) & (s.members.c.device == device)
+        async with self._tx(write=True) as conn:
+            result = await conn.execute(delete(s.members).where(key))
+        return bool(result.rowcount)
+
+    async def list_grants(self) -> list[tuple[str, str]]:
+        """Every (subject, function), sorted."""
+        stmt = select(s.grants.c.subject, s.grants.c.function).order_by(
+            s.grants.c.subject, s.grants.c.function
+        )
+        async with self._tx(write=False) as conn:
+            return [(r.subject, r.function) for r in await conn.execute(stmt)]
+
+    async def list_members(self, group: str | None = None) -> list[tuple[str, str]]:
+        """Every (group, device), or one group's, sorted."""
+        stmt = select(s.members.c.group, s.members.c.device).order_by(
+            s.members.c.group, s.members.c.device
+        )
+        if group is not None:
+            stmt = stmt.where(s.members.c.group == group)
+        async with self._tx(write=False) as conn:
+            return [(r.group, r.device) for r in await conn.execute(stmt)]
+
+    async def grant_map(self, group_prefix: str) -> dict[str, set[str]]:
+        """Device subject -> the functions it may invoke, directly or through its groups.
+
+        Group subjects are ``group_prefix + group``; one read transaction, two queries.
+        """
+        g, m = s.grants, s.members
+        direct = select(g.c.subject, g.c.function).where(~g.c.subject.startswith(group_prefix))
+        via_groups = select(m.c.device, g.c.function).select_from(
+            m.join(g, g.c.subject == literal(group_prefix) + m.c.group)
+        )
+        out: dict[str, set[str]] = {}
+        async with self._tx(write=False) as conn:
+            for device, function in await conn.execute(direct):
+                out.setdefault(device, set()).add(function)
+            for device, function in await conn.execute(via_groups):
+                out.setdefault(device, set()).add(function)
+        return out
+
+    # -- audit log --------------------------------------------------------------
+
+    async def append_audit(
+        self,
+        who: str,
+        action: str,
+        detail: dict[str, Any],
+        seal: Callable[[int, float, str], str],
+    ) -> AuditEntry:
+        """Append one audit entry after the head, in one transaction.
+
+        ``seal(seq, ts, prev_hash)`` returns the entry's hash. Appends serialise
+        on the head row (``FOR UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` on
+        SQLite), so the chain never forks.
+        """
+        head = select(s.audit_head.c.seq, s.audit_head.c.hash).where(s.audit_head.c.id == 1)
+        async with self._tx(write=True) as conn:
+            row = (await conn.execute(head.with_for_update())).one()
+            seq, prev_hash, ts = int(row.seq) + 1, str(row.hash), time.time()
+            entry = AuditEntry(seq, ts, who, action, detail, prev_hash, seal(seq, ts, prev_hash))
+            await conn.execute(s.audit.insert(), [asdict(entry)])
+            await conn.execute(
+                update(s.audit_head)
+                .where(s.audit_head.c.id == 1)
+                .values(seq=entry.seq, hash=entry.hash)
+            )
+        return entry
+
+    async def audit_head(self) -> tuple[int, str]:
+        """The (seq, hash) of the last entry appended; ``(0, genesis)`` while empty."""
+        async with self._tx(write=False) as conn:
+            row = (
+                await conn.execute(
+                    select(s.audit_head.c.seq, s.audit_head.c.hash).where(s.audit_head.c.id == 1)
+                )
+            ).one()
+        return int(row.seq), str(row.hash)
+
+    async def audit_extent(self) -> tuple[int, int]:
+        """(highest seq stored, the head's seq), read in one statement, so one snapshot."""
+        top = select(func.coalesce(func.max(s.audit.c.seq), 0)).scalar_subquery()
+        head = select(s.audit_head.c.seq).where(s.audit_head.c.id == 1).scalar_subquery()
+        async with self._tx(write=False) as conn:
+            row = (await conn.execute(select(top, head))).one()
+        return int(row[0]), int(row[1])
+
+    async def audit_entries(
+        self, *, since: int = 0, limit: int = 100, upto: int | None = None
+    ) -> list[AuditEntry]:
+        """Entries with ``since < seq`` (and ``seq <= upto``), oldest first, at most ``limit``."""
+        stmt = select(s.audit).where(s.audit.c.seq > since).order_by(s.audit.c.seq).limit(limit)
+        if upto is not None:
+            stmt = stmt.where(s.audit.c.seq <= upto)
+        async with self._tx(write=False) as conn:
+            rows = (await conn.execute(stmt)).all()
+        return [_audit(r) for r in rows]
 
     # -- integrity --------------------------------------------------------------
 
