@@ -75,7 +75,7 @@ ROLE_SPECS: dict[Role, RoleSpec] = {
 
 
 def check_name(name: str, what: str = "name") -> str:
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise IdentityError(
             f"{what} {name!r} must be 1-63 lowercase letters, digits, '-' or '_', "
             "starting with a letter or digit"

@@ -47,7 +47,7 @@ _SEMVER_RE = re.compile(
 
 def semver_key(version: str) -> tuple[Any, ...]:
     """Sort key for a semantic version: releases sort after their pre-releases."""
-    m = _SEMVER_RE.match(version)
+    m = _SEMVER_RE.fullmatch(version)
     if not m:
         raise ManifestError(f"version {version!r} is not semver (X.Y.Z)")
     major, minor, patch, pre, _build = m.groups()
@@ -63,7 +63,7 @@ def semver_key(version: str) -> tuple[Any, ...]:
 
 def split_function_id(fid: str) -> tuple[str, str]:
     """Split ``ns/name`` into its parts, refusing anything else."""
-    if not _NAME_RE.match(fid):
+    if not _NAME_RE.fullmatch(fid):
         raise ManifestError(
             f"function id {fid!r} must be 'ns/name' (lowercase letters, digits, '-', '_')"
         )
