@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 import time
@@ -29,6 +28,9 @@ from fnmesh.certs.trust import TrustStore
 from fnmesh.coordinator.api.auth import TRUST_KEY, identity_middleware
 from fnmesh.coordinator.api.routes import routes
 from fnmesh.coordinator.api.state import CTX, Context
+from fnmesh.coordinator.audit import AuditLog
+from fnmesh.coordinator.broker_control import BrokerControl
+from fnmesh.coordinator.grants import Grants
 from fnmesh.coordinator.invoker import MqttInvoker
 from fnmesh.coordinator.metrics import CoordinatorMetrics
 from fnmesh.coordinator.reconciler import Reconciler
@@ -52,6 +54,10 @@ class CoordinatorConfig:
     offline_timeout_s: float = 300.0
     heartbeat_s: float = 2.0
     advertise_url: str | None = None
+    #: The broker ACL file this coordinator keeps in step with grants and revocations.
+    acl_path: Path | None = None
+    #: File with the PID of the Mosquitto to reload after an ACL or CRL change.
+    broker_pid_file: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -61,18 +67,6 @@ class CoordinatorConfig:
     @property
     def url(self) -> str:
         return self.advertise_url or f"https://{self.host}:{self.port}"
-
-
-class Audit:
-    """Appends one JSON line per change (the hash-chained log comes with the security work)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __call__(self, action: str, who: str, detail: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"ts": time.time(), "action": action, "who": who, **detail}) + "\n")
 
 
 def build_app(cfg: CoordinatorConfig) -> web.Application:
@@ -177,6 +171,15 @@ def build_app(cfg: CoordinatorConfig) -> web.Application:
             offline_timeout_s=cfg.offline_timeout_s,
         )
         reconciler_ref.append(reconciler)
+        audit = AuditLog(store)
+        grants = Grants(store)
+        broker = BrokerControl(home, grants, cfg.topic_root, cfg.acl_path, cfg.broker_pid_file)
+
+        async def after_revocation() -> None:
+            await broker.async_refresh()
+            await audit.append("crl", identity.cn, {"revoked": len(trust().revoked)})
+
+        crl = CrlPublisher(home.crl, mqtt, cfg.topic_root, hooks=[after_revocation])
         app[CTX] = Context(
             store=store,
             blobs=blobs,
@@ -187,10 +190,14 @@ def build_app(cfg: CoordinatorConfig) -> web.Application:
             identity=identity,
             trust=trust,
             metrics=metrics,
-            audit=Audit(cfg.state / "audit.jsonl"),
+            audit=audit,
+            grants=grants,
+            broker=broker,
+            home=home,
+            crl_publisher=crl,
         )
-        crl = CrlPublisher(home.crl, mqtt, cfg.topic_root)
         await mqtt.async_start()
+        await broker.async_refresh()
         await crl.async_check()
         crl.start()
         reconciler.start()

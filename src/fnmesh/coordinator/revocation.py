@@ -56,9 +56,13 @@ class CrlPublisher:
             return False
         data = self.crl_path.read_bytes()
         await self.mqtt.async_publish(self.topic, data, qos=1, retain=True)
+        first = self._mtime is None
         self._mtime = mtime
         self.published += 1
         log.info("published the revocation list (%d bytes)", len(data))
+        if first:
+            # The list this process started with: nothing changed yet.
+            return True
         for hook in self.hooks:
             try:
                 await hook()

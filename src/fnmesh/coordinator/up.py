@@ -31,6 +31,7 @@ from fnmesh.certs.ca import FleetCA, init_home
 from fnmesh.certs.home import Home
 from fnmesh.certs.identity import Role, load_identity
 from fnmesh.certs.tls import client_context
+from fnmesh.coordinator.acl import acl_for_home, write_acl
 from fnmesh.coordinator.broker import Mosquitto, free_port, settings_for_home, write_config
 from fnmesh.coordinator.client import ApiError, Client
 from fnmesh.errors import MeshError
@@ -152,14 +153,23 @@ def start(
     api_port = free_port()
     mesh = Mesh(home, broker or "", f"https://127.0.0.1:{api_port}", logs=logs)
     try:
+        coordinator_args: list[str] = []
         if broker is None:
             port = free_port()
             bdir = home.root / "broker"
             bdir.mkdir(exist_ok=True)
-            conf = write_config(settings_for_home(home, bdir, tls_port=port), bdir)
-            progress(f"starting Mosquitto on 127.0.0.1:{port} (mutual TLS)")
+            acl = bdir / "acl"
+            # Role-based ACL from the start; the coordinator regenerates it on grants
+            # and revocations and signals the broker to reload it.
+            write_acl(acl, acl_for_home(home, {}, cfg.topic_root))
+            conf = write_config(settings_for_home(home, bdir, tls_port=port, acl_file=acl), bdir)
+            progress(f"starting Mosquitto on 127.0.0.1:{port} (mutual TLS, role-based ACL)")
             mesh.broker = Mosquitto(conf, port, log=logs / "mosquitto.log").start()
             mesh.broker_url = f"mqtts://127.0.0.1:{port}"
+            pid_file = bdir / "mosquitto.pid"
+            assert mesh.broker.proc is not None
+            pid_file.write_text(str(mesh.broker.proc.pid))
+            coordinator_args = ["--acl-file", str(acl), "--broker-pid-file", str(pid_file)]
         home.save_config(cfg.override(broker=mesh.broker_url, coordinator=mesh.api_url))
         env = {**os.environ, "FNMESH_HOME": str(home.root), "PYTHONUNBUFFERED": "1"}
         progress(f"starting the coordinator on {mesh.api_url}")
@@ -167,7 +177,9 @@ def start(
             (
                 "coordinator",
                 _spawn(
-                    ["coordinator", "--home", str(home.root), "-v"], logs / "coordinator.log", env
+                    ["coordinator", "--home", str(home.root), "-v", *coordinator_args],
+                    logs / "coordinator.log",
+                    env,
                 ),
             )
         )
@@ -259,6 +271,11 @@ def deploy_examples(mesh: Mesh, progress: Callable[[str], None] = print) -> list
                     "min": 1,
                     "max": 2,
                 },
+            )
+            client.call(
+                "POST",
+                "/v1/grants",
+                json_body={"subject": f"device.{DEMO_DEVICE}", "function": ex.function_id},
             )
         except ApiError as e:
             raise UpError(f"cannot deploy {ex.function_id}: {e}") from e

@@ -115,7 +115,9 @@ async def push(request: web.Request) -> web.Response:
         )
     except ConflictError as e:
         return problem(409, "conflict", str(e))
-    c.audit("push", who.cn, {"function": m.name, "version": m.version, "digest": bundle.digest})
+    await c.audit.append(
+        "push", who.cn, {"function": m.name, "version": m.version, "digest": bundle.digest}
+    )
     return web.json_response(
         {"function": rec.function, "version": rec.version, "digest": rec.digest, "size": rec.size},
         status=201,
@@ -240,7 +242,9 @@ async def deploy(request: web.Request) -> web.Response:
     d = await c.store.set_deployment(
         body.function, body.version, body.min, body.max, body.where, allow_spill=body.allow_spill
     )
-    c.audit("deploy", peer(request).cn, {"function": body.function, "version": body.version})
+    await c.audit.append(
+        "deploy", peer(request).cn, {"function": body.function, "version": body.version}
+    )
     c.reconciler.kick()
     return web.json_response(_deployment_json(d), status=201)
 
@@ -260,7 +264,7 @@ async def undeploy(request: web.Request) -> web.Response:
     if not await c.store.delete_deployment(fid):
         return problem(404, "not_found", f"{fid} is not deployed")
     await c.store.delete_placements(fid)
-    c.audit("undeploy", peer(request).cn, {"function": fid})
+    await c.audit.append("undeploy", peer(request).cn, {"function": fid})
     c.reconciler.kick()
     return web.json_response({"function": fid, "deployed": False})
 
@@ -341,3 +345,127 @@ def _reason(e: Exception) -> str:
         err = e.errors()[0]
         return f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
     return str(e)
+
+
+# -- grants, revocation, audit ---------------------------------------------------------
+
+
+class GrantBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    subject: str = Field(min_length=1, max_length=200)
+    function: str = Field(min_length=3, max_length=200)
+
+
+@routes.get("/v1/grants")
+@require(Role.OPERATOR)
+async def list_grants(request: web.Request) -> web.Response:
+    c = ctx(request)
+    return web.json_response(
+        {
+            "grants": [{"subject": s, "function": f} for s, f in await c.grants.list_grants()],
+            "members": [{"group": g, "device": d} for g, d in await c.grants.members()],
+        }
+    )
+
+
+@routes.post("/v1/grants")
+@require(Role.OPERATOR)
+async def grant(request: web.Request) -> web.Response:
+    """Let a device, or every device of a group, invoke a function (the broker ACL follows)."""
+    c = ctx(request)
+    try:
+        body = GrantBody.model_validate(await request.json())
+        added = await c.grants.grant(body.subject, body.function)
+    except (ValidationError, ValueError, MeshError) as e:
+        return problem(400, "bad_request", _reason(e))
+    await c.audit.append(
+        "grant", peer(request).cn, {"subject": body.subject, "function": body.function}
+    )
+    await c.broker.async_refresh()
+    return web.json_response(
+        {"subject": body.subject, "function": body.function, "added": added}, status=201
+    )
+
+
+@routes.delete("/v1/grants")
+@require(Role.OPERATOR)
+async def ungrant(request: web.Request) -> web.Response:
+    c = ctx(request)
+    try:
+        body = GrantBody.model_validate(await request.json())
+        removed = await c.grants.revoke_grant(body.subject, body.function)
+    except (ValidationError, ValueError, MeshError) as e:
+        return problem(400, "bad_request", _reason(e))
+    if not removed:
+        return problem(404, "not_found", f"{body.subject} has no grant for {body.function}")
+    await c.audit.append(
+        "ungrant", peer(request).cn, {"subject": body.subject, "function": body.function}
+    )
+    await c.broker.async_refresh()
+    return web.json_response({"subject": body.subject, "function": body.function, "removed": True})
+
+
+class MemberBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    device: str = Field(min_length=1, max_length=200)
+
+
+@routes.post("/v1/groups/{group}/members")
+@require(Role.OPERATOR)
+async def add_member(request: web.Request) -> web.Response:
+    c = ctx(request)
+    group = request.match_info["group"]
+    try:
+        body = MemberBody.model_validate(await request.json())
+        added = await c.grants.add_member(group, body.device)
+    except (ValidationError, ValueError, MeshError) as e:
+        return problem(400, "bad_request", _reason(e))
+    await c.audit.append("member", peer(request).cn, {"group": group, "device": body.device})
+    await c.broker.async_refresh()
+    return web.json_response({"group": group, "device": body.device, "added": added}, status=201)
+
+
+class RevokeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name_or_serial: str = Field(min_length=1, max_length=200)
+
+
+@routes.post("/v1/revocations")
+@require(Role.OPERATOR)
+async def revoke(request: web.Request) -> web.Response:
+    """Revoke a certificate by name or serial: the list is re-signed and published everywhere."""
+    from fnmesh.certs.ca import FleetCA
+
+    c = ctx(request)
+    try:
+        body = RevokeBody.model_validate(await request.json())
+        done = FleetCA.load(c.home).revoke(body.name_or_serial)
+    except (ValidationError, ValueError, MeshError) as e:
+        return problem(400, "bad_request", _reason(e))
+    revoked = [{"cn": r.cn, "serial": f"{r.serial:x}"} for r in done]
+    await c.audit.append("revoke", peer(request).cn, {"revoked": revoked})
+    await c.crl_publisher.async_check()
+    return web.json_response({"revoked": revoked}, status=201)
+
+
+@routes.get("/v1/audit")
+@require(Role.OPERATOR)
+async def audit_entries(request: web.Request) -> web.Response:
+    c = ctx(request)
+    try:
+        limit = min(1000, max(1, int(request.query.get("limit", "100"))))
+        since = max(0, int(request.query.get("since", "0")))
+    except ValueError:
+        return problem(400, "bad_request", "limit and since must be integers")
+    entries = await c.audit.entries(limit=limit, since=since)
+    return web.json_response([asdict(e) for e in entries])
+
+
+@routes.get("/v1/audit/verify")
+@require(Role.OPERATOR)
+async def audit_verify(request: web.Request) -> web.Response:
+    r = await ctx(request).audit.verify()
+    return web.json_response(asdict(r))

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import web
 
 from fnmesh.agent.mqtt import MqttClient
+from fnmesh.certs.home import Home
 from fnmesh.certs.identity import Identity
 from fnmesh.certs.trust import TrustStore
+from fnmesh.coordinator.audit import AuditLog
+from fnmesh.coordinator.broker_control import BrokerControl
+from fnmesh.coordinator.grants import Grants
 from fnmesh.coordinator.invoker import MqttInvoker
 from fnmesh.coordinator.metrics import CoordinatorMetrics
 from fnmesh.coordinator.reconciler import Reconciler
 from fnmesh.coordinator.registry import Registry
+from fnmesh.coordinator.revocation import CrlPublisher
 from fnmesh.coordinator.store import BlobStore, Store
 
 
@@ -29,7 +33,11 @@ class Context:
     identity: Identity
     trust: Callable[[], TrustStore]
     metrics: CoordinatorMetrics
-    audit: Callable[[str, str, dict[str, Any]], None]
+    audit: AuditLog
+    grants: Grants
+    broker: BrokerControl
+    home: Home
+    crl_publisher: CrlPublisher
     max_payload: int = 16 << 20
     invoke_timeout: float = 10.0
 

@@ -63,6 +63,18 @@ def make_client(home: str | None, coordinator: str | None, as_: str | None) -> C
     show_default=True,
     help="Expected node heartbeat period (s).",
 )
+@click.option(
+    "--acl-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Broker ACL file to keep in step with grants and revocations.",
+)
+@click.option(
+    "--broker-pid-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="File with the PID of the Mosquitto to reload after ACL or CRL changes.",
+)
 @verbose_option
 def coordinator(
     home: str | None,
@@ -71,6 +83,8 @@ def coordinator(
     db: str | None,
     offline_timeout: float,
     heartbeat: float,
+    acl_file: str | None,
+    broker_pid_file: str | None,
     verbose: int,
 ) -> None:
     """Run the coordinator: REST API, registry, reconciler."""
@@ -95,6 +109,8 @@ def coordinator(
         db_url=db,
         offline_timeout_s=offline_timeout,
         heartbeat_s=heartbeat,
+        acl_path=Path(acl_file) if acl_file else None,
+        broker_pid_file=Path(broker_pid_file) if broker_pid_file else None,
     )
     asyncio.run(async_run(cfg))
 
