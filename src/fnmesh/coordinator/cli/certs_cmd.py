@@ -85,12 +85,25 @@ def issue(
 def revoke(name_or_serial: str, home: str | None, as_json: bool) -> None:
     """Revoke an identity by name (e.g. node.lyon-1) or by serial (hex, as `certs list` prints it)."""
     h = get_home(home)
-    done = FleetCA.load(h).revoke(name_or_serial)
+    if not h.ca_key.exists():
+        # An operator's home holds no CA key: the coordinator revokes and publishes.
+        from fnmesh.coordinator.client import Client
+
+        out = Client(h, h.load_config()).call(
+            "POST", "/v1/revocations", json_body={"name_or_serial": name_or_serial}
+        )
+        revoked = out["revoked"]
+    else:
+        revoked = [
+            {"cn": r.cn, "serial": f"{r.serial:x}"} for r in FleetCA.load(h).revoke(name_or_serial)
+        ]
     if as_json:
-        print_json([{"cn": r.cn, "serial": f"{r.serial:x}"} for r in done])
+        print_json(revoked)
         return
-    for r in done:
-        console.print(f"revoked {r.cn} (serial {r.serial:x}); list written to {h.crl}")
+    for r in revoked:
+        console.print(
+            f"revoked {r['cn']} (serial {r['serial']}); the list is published to the fleet"
+        )
 
 
 @certs.command("list")

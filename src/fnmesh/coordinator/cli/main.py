@@ -22,6 +22,7 @@ from fnmesh.coordinator.cli.mesh_cmds import (
     undeploy,
 )
 from fnmesh.coordinator.cli.router_cmd import router
+from fnmesh.coordinator.cli.security_cmds import audit, grant
 from fnmesh.coordinator.cli.up_cmd import up
 
 
@@ -36,7 +37,20 @@ cli.add_command(bundle)
 cli.add_command(bench)
 cli.add_command(broker)
 cli.add_command(agent)
-for _cmd in (up, coordinator, router, push, deploy, undeploy, functions, nodes, placements, invoke):
+for _cmd in (
+    up,
+    coordinator,
+    router,
+    grant,
+    audit,
+    push,
+    deploy,
+    undeploy,
+    functions,
+    nodes,
+    placements,
+    invoke,
+):
     cli.add_command(_cmd)
 
 
