@@ -31,6 +31,7 @@ from fnmesh.agent.service import InvocationService
 from fnmesh.agent.warm_pool import WarmPool
 from fnmesh.errors import MeshError
 from fnmesh.functions.bundle import Bundle
+from fnmesh.functions.rollback import verify_order
 
 log = logging.getLogger("fnmesh.agent.assign")
 
@@ -49,6 +50,7 @@ class Entry:
     digest: str
     key: bytes
     allow_spill: bool
+    rollback: dict[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +75,7 @@ class Assignment:
                         digest=str(e["digest"]),
                         key=base64.b64decode(e["key"], validate=True),
                         allow_spill=bool(e.get("allow_spill", False)),
+                        rollback=e.get("rollback") if isinstance(e.get("rollback"), dict) else None,
                     )
                 )
             coord = obj.get("coordinator")
@@ -95,7 +98,7 @@ class Assignments:
         ssl_context: ssl.SSLContext,
         local: Callable[[], set[str]],
         on_change: Callable[[], Awaitable[None]],
-        switch: Callable[[Bundle], Awaitable[None]],
+        switch: Callable[[Bundle, bool], Awaitable[None]],
     ) -> None:
         self.node_cn = node_cn
         self.node = node
@@ -202,8 +205,13 @@ class Assignments:
                 f"bundle {e.digest[:12]} is {bundle.manifest.name}@{bundle.manifest.version}, "
                 f"the assignment says {e.function}@{e.version}"
             )
-        self.cache.check_version(bundle.manifest, allow_rollback=False)
-        await self._switch(bundle)
+        allow_rollback = False
+        if e.rollback is not None:
+            # Only an operator's signed order lets a node go back to an older version.
+            verify_order(e.rollback, self.cache.trust, function=e.function, version=e.version)
+            allow_rollback = True
+        self.cache.check_version(bundle.manifest, allow_rollback=allow_rollback)
+        await self._switch(bundle, allow_rollback)
 
     async def _fetch(self, coordinator: str, digest: str) -> bytes:
         url = f"{coordinator.rstrip('/')}/v1/nodes/{self.node}/bundles/{digest}"

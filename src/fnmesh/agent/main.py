@@ -272,21 +272,29 @@ class Agent:
             await self.presence.async_publish_status()
         return bundle
 
-    async def async_switch(self, bundle: Bundle, *, prewarm: bool = True) -> None:
-        """Serve ``bundle``'s version, loading it first when ``prewarm``; undo on failure."""
+    async def async_switch(
+        self, bundle: Bundle, allow_rollback: bool = False, *, prewarm: bool = True
+    ) -> None:
+        """Serve ``bundle``'s version; with ``prewarm`` it is loaded before it takes requests.
+
+        Requests keep going to the version being replaced until the new one is
+        loaded (no cold start, no failed request during a rolling update); a
+        version that cannot load here is dropped and the old one keeps serving.
+        """
         m = bundle.manifest
-        previous = self.service.slots().get(m.name)
-        self.service.serve(m, bundle.digest)
         if not prewarm:
+            self.service.serve(m, bundle.digest, allow_rollback=allow_rollback)
             return
+        previous = self.service.slots().get(m.name)
+        if previous is not None and previous.digest == bundle.digest:
+            return
+        self.service.stage(m, bundle.digest, allow_rollback=allow_rollback)
         try:
             await self.pool.async_prewarm((m.name, m.version))
         except MeshError:
-            if previous is not None and previous.digest != bundle.digest:
-                self.service.serve(previous.manifest, previous.digest)
-            elif previous is None:
-                await self.service.async_remove(m.name)
+            self.service.unstage(m, bundle.digest)
             raise
+        self.service.serve(m, bundle.digest, allow_rollback=allow_rollback)
 
     # -- life cycle -----------------------------------------------------------------
 

@@ -132,6 +132,7 @@ class InvocationService:
         self._clock = clock
         self._slots: dict[str, Slot] = {}
         self._by_key: dict[PoolKey, Slot] = {}
+        self._staged: dict[PoolKey, Slot] = {}
         self._threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fnmesh-run")
         self._accepting = True
 
@@ -147,13 +148,9 @@ class InvocationService:
     def slot_for_key(self, key: PoolKey) -> Slot | None:
         return self._by_key.get(key)
 
-    def serve(self, manifest: Manifest, digest: str, *, allow_rollback: bool = False) -> Slot:
-        """Start serving (or switch to) this version of a function."""
-        old = self._slots.get(manifest.name)
-        if old is not None and old.digest == digest:
-            return old
+    def _make_slot(self, manifest: Manifest, digest: str, allow_rollback: bool) -> Slot:
         batchable = _batchable(manifest)
-        slot = Slot(
+        return Slot(
             manifest=manifest,
             digest=digest,
             allow_rollback=allow_rollback,
@@ -166,10 +163,38 @@ class InvocationService:
                 clock=self._clock,
             ),
         )
+
+    def stage(self, manifest: Manifest, digest: str, *, allow_rollback: bool = False) -> Slot:
+        """Make a version loadable (for pre-warming) without sending it requests yet."""
+        slot = self._by_key.get((manifest.name, manifest.version))
+        if slot is not None and slot.digest == digest:
+            return slot
+        slot = self._make_slot(manifest, digest, allow_rollback)
+        self._staged[slot.key] = slot
+        self._by_key.setdefault(slot.key, slot)
+        return slot
+
+    def unstage(self, manifest: Manifest, digest: str) -> None:
+        key = (manifest.name, manifest.version)
+        slot = self._staged.pop(key, None)
+        if slot is not None and self._by_key.get(key) is slot:
+            del self._by_key[key]
+
+    def serve(self, manifest: Manifest, digest: str, *, allow_rollback: bool = False) -> Slot:
+        """Start serving (or switch to) this version of a function."""
+        old = self._slots.get(manifest.name)
+        if old is not None and old.digest == digest:
+            return old
+        key = (manifest.name, manifest.version)
+        staged = self._staged.pop(key, None)
+        slot = (
+            staged
+            if staged is not None and staged.digest == digest
+            else self._make_slot(manifest, digest, allow_rollback)
+        )
         self._slots[manifest.name] = slot
         self._by_key[slot.key] = slot
         if old is not None and old.key != slot.key:
-            self._by_key.pop(old.key, None)
             # Requests already queued for the old version are still answered by it.
             asyncio.get_running_loop().create_task(self._retire(old))
         return slot

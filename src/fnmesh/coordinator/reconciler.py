@@ -207,7 +207,9 @@ class Reconciler:
                             getattr(deployments.get(a.function), "allow_spill", False)
                         ),
                         "regions": list((await self._manifest(a.function, a.version)).data.regions),
-                        "rollback": None,
+                        "rollback": getattr(deployments.get(a.function), "rollback", None)
+                        if getattr(deployments.get(a.function), "version", None) == a.version
+                        else None,
                     }
                     for a in items
                 ]

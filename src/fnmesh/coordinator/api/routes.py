@@ -21,6 +21,7 @@ from fnmesh.errors import MeshError
 from fnmesh.functions.bundle import Bundle
 from fnmesh.functions.errors import BundleError
 from fnmesh.functions.manifest import Manifest, semver_key, split_function_id
+from fnmesh.functions.rollback import verify_order
 
 log = logging.getLogger("fnmesh.coordinator.api")
 
@@ -204,6 +205,8 @@ class DeployBody(BaseModel):
     max: int = Field(default=2, ge=1, le=10_000)
     where: dict[str, str] = Field(default_factory=dict)
     allow_spill: bool = False
+    #: An operator-signed rollback order (``fnmesh rollback``), needed to go back a version.
+    rollback: dict[str, str] | None = None
 
 
 def _deployment_json(d: Any) -> dict[str, Any]:
@@ -239,8 +242,32 @@ async def deploy(request: web.Request) -> web.Response:
             "unsatisfiable",
             f"{body.function}@{body.version} needs {body.min} node(s), {len(fitting)} fit ({reasons})",
         )
+    current = await c.store.get_deployment(body.function)
+    rollback: dict[str, str] | None = None
+    if current is not None and semver_key(body.version) < semver_key(current.version):
+        if body.rollback is None:
+            return problem(
+                409,
+                "conflict",
+                f"{body.function}@{body.version} is older than the deployed {current.version}; "
+                "going back needs an operator-signed order (fnmesh rollback)",
+            )
+        try:
+            verify_order(body.rollback, c.trust(), function=body.function, version=body.version)
+        except MeshError as e:
+            return problem(403, "forbidden", str(e))
+        rollback = body.rollback
+    elif current is not None and current.version == body.version:
+        # The version stays: so does the order that let agents accept it.
+        rollback = current.rollback
     d = await c.store.set_deployment(
-        body.function, body.version, body.min, body.max, body.where, allow_spill=body.allow_spill
+        body.function,
+        body.version,
+        body.min,
+        body.max,
+        body.where,
+        allow_spill=body.allow_spill,
+        rollback=rollback,
     )
     await c.audit.append(
         "deploy", peer(request).cn, {"function": body.function, "version": body.version}
@@ -329,6 +356,10 @@ async def fetch_bundle(request: web.Request) -> web.Response:
 @routes.post("/v1/functions/{ns}/{name}/invoke")
 async def invoke(request: web.Request) -> web.Response:
     c = ctx(request)
+    who = peer(request)
+    # A device invokes what it was granted, over HTTP as on the broker (whose ACL says the same).
+    if who.role == Role.DEVICE and not await c.grants.may_invoke(who.cn, fid_of(request)):
+        return problem(403, "forbidden", f"{who.cn} has no grant for {fid_of(request)}")
     body = await request.content.read(c.max_payload + 1)
     if len(body) > c.max_payload:
         return problem(

@@ -19,6 +19,7 @@ from fnmesh.coordinator.cli.mesh_cmds import (
     nodes,
     placements,
     push,
+    rollback,
     undeploy,
 )
 from fnmesh.coordinator.cli.router_cmd import router
@@ -43,6 +44,7 @@ for _cmd in (
     router,
     grant,
     audit,
+    rollback,
     push,
     deploy,
     undeploy,

@@ -371,3 +371,48 @@ def invoke(
         )
     if status != 200:
         raise SystemExit(1)
+
+
+@click.command("rollback", cls=MeshCommand)
+@click.argument("function")
+@click.option("--to", "to", default=None, help="Version to go back to (default: the previous one).")
+@client_options
+@json_option
+def rollback(
+    function: str,
+    to: str | None,
+    home: str | None,
+    coordinator: str | None,
+    as_: str | None,
+    as_json: bool,
+) -> None:
+    """Go back to the previous version of NS/NAME, with an order signed by your operator key."""
+    from fnmesh.certs.identity import load_identity
+    from fnmesh.functions.rollback import sign_order
+
+    c = make_client(home, coordinator, as_)
+    current = next((d for d in c.call("GET", "/v1/deployments") if d["function"] == function), None)
+    if current is None:
+        raise MeshError(f"{function} is not deployed")
+    target = to or current.get("previous_version")
+    if not target:
+        raise MeshError(f"{function} has no previous version to go back to (give --to)")
+    operator = load_identity(c.home.identity_dir(c.config.identity))
+    order = sign_order(operator, function, target, current["version"])
+    out = c.call(
+        "POST",
+        "/v1/deployments",
+        json_body={
+            "function": function,
+            "version": target,
+            "min": current["min_replicas"],
+            "max": current["max_replicas"],
+            "where": current["where"],
+            "allow_spill": current["allow_spill"],
+            "rollback": order,
+        },
+    )
+    if as_json:
+        print_json(out)
+    else:
+        console.print(f"rolled [bold]{function}[/bold] back from {current['version']} to {target}")

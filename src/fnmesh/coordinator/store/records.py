@@ -47,6 +47,8 @@ class DeploymentRecord:
     previous_version: str | None
     generation: int
     updated_at: float
+    #: The operator-signed order that allowed going back to an older version.
+    rollback: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,6 +84,8 @@ deployments = Table(
     Column("previous_version", String(128), nullable=True),
     Column("generation", BigInteger, nullable=False),
     Column("updated_at", Double, nullable=False),
+    #: The operator-signed rollback order that allowed an older version, if any.
+    Column("rollback", JSON, nullable=True),
     ForeignKeyConstraint(
         ["function", "version"], ["versions.function", "versions.version"], ondelete="RESTRICT"
     ),

@@ -132,6 +132,7 @@ def _deployment(row: Any) -> DeploymentRecord:
         previous_version=row.previous_version,
         generation=int(row.generation),
         updated_at=float(row.updated_at),
+        rollback=row.rollback,
     )
 
 
@@ -388,6 +389,7 @@ class Store:
         max_replicas: int,
         where: dict[str, str],
         allow_spill: bool = False,
+        rollback: dict[str, Any] | None = None,
     ) -> DeploymentRecord:
         """Create or change a function's deployment and bump the deployment generation.
 
@@ -433,6 +435,7 @@ class Store:
                 previous_version=previous,
                 generation=generation,
                 updated_at=time.time(),
+                rollback=rollback,
             )
             values = asdict(record)
             if old is None:
@@ -758,6 +761,21 @@ class Store:
             for device, function in await conn.execute(via_groups):
                 out.setdefault(device, set()).add(function)
         return out
+
+    async def may_invoke(self, device: str, function: str, group_prefix: str) -> bool:
+        """Whether ``device`` holds a grant for ``function``, directly or through a group."""
+        g, m = s.grants, s.members
+        direct = select(g.c.subject).where((g.c.subject == device) & (g.c.function == function))
+        via_group = (
+            select(m.c.device)
+            .select_from(m.join(g, g.c.subject == literal(group_prefix) + m.c.group))
+            .where((m.c.device == device) & (g.c.function == function))
+        )
+        async with self._tx(write=False) as conn:
+            for stmt in (direct, via_group):
+                if (await conn.execute(stmt.limit(1))).first() is not None:
+                    return True
+        return False
 
     # -- audit log --------------------------------------------------------------
 
