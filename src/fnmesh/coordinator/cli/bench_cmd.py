@@ -160,3 +160,8 @@ def e2e_bench(n: int, inflight: int, as_json: bool) -> None:
         ["measure", "fnmesh", "baseline", "ratio"],
         rows,
     )
+
+
+from fnmesh.coordinator.bench.soak import add_to as _add_soak_and_fuzz  # noqa: E402
+
+_add_soak_and_fuzz(bench)
