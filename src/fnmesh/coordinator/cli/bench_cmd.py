@@ -165,3 +165,7 @@ def e2e_bench(n: int, inflight: int, as_json: bool) -> None:
 from fnmesh.coordinator.bench.soak import add_to as _add_soak_and_fuzz  # noqa: E402
 
 _add_soak_and_fuzz(bench)
+
+from fnmesh.coordinator.cli import bench_placement  # noqa: E402
+
+bench_placement.add_to(bench)

@@ -1,9 +1,9 @@
-"""Which nodes may hold a function, and which of them to pick.
+"""The first, minimal placement, kept while the reconciler and the API move to the engine.
 
-A minimal placement for the coordinator's reconciler: a node fits when it is
-live, matches the deployment's label constraints, lies in a region the
-function's data may go to, and has a GPU when the function requires one.
-Among fitting nodes the least loaded are picked, spreading over sites.
+A node fits when it is live, matches the deployment's label constraints, lies
+in a region the function's data may go to, and has a GPU when the function
+requires one. Among fitting nodes the least loaded are picked, spreading over
+sites. The engine (:mod:`.engine`) applies the same rules and more.
 """
 
 from __future__ import annotations
