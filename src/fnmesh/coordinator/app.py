@@ -26,6 +26,7 @@ from fnmesh.certs.identity import Role
 from fnmesh.certs.tls import client_context, server_context
 from fnmesh.certs.trust import TrustStore
 from fnmesh.coordinator.api.auth import TRUST_KEY, identity_middleware
+from fnmesh.coordinator.api.policy_routes import routes as policy_routes
 from fnmesh.coordinator.api.routes import routes
 from fnmesh.coordinator.api.state import CTX, Context
 from fnmesh.coordinator.audit import AuditLog
@@ -89,6 +90,7 @@ def build_app(cfg: CoordinatorConfig) -> web.Application:
     app = web.Application(middlewares=[identity_middleware], client_max_size=4 << 30)
     app[TRUST_KEY] = trust
     app.router.add_routes(routes)
+    app.router.add_routes(policy_routes)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         cfg.state.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from fnmesh.certs.errors import IdentityError
 from fnmesh.certs.home import Home
 from fnmesh.certs.identity import Identity, Role, load_cert
 from fnmesh.certs.trust import TrustStore
-from fnmesh.coordinator.placement import Candidate, choose, fits
+from fnmesh.coordinator import scheduling
 from fnmesh.coordinator.registry import NodeView, Registry
 from fnmesh.coordinator.store import BlobStore, Store
 from fnmesh.functions.bundle import Bundle
@@ -79,6 +79,8 @@ class Reconciler:
         self._manifests: dict[tuple[str, str], Manifest] = {}
         self._lock = asyncio.Lock()
         self.passes = 0
+        #: function -> spill, regions and latency objective for its assignments.
+        self.rules: dict[str, dict[str, Any]] = {}
         self.idle = asyncio.Event()
 
     # -- running ----------------------------------------------------------------------
@@ -118,10 +120,14 @@ class Reconciler:
             self.passes += 1
             nodes = self.registry.snapshot()
             now = self._clock()
+            policies = await scheduling.load_policies(self.store)
+            snap = scheduling.snapshot(nodes)
             for d in await self.store.list_deployments():
                 manifest = await self._manifest(d.function, d.version)
+                eff = scheduling.effective(policies, d.function, manifest)
+                self.rules[d.function] = scheduling.assignment_rules(eff, d.allow_spill)
                 current = await self.store.placements(d.function)
-                chosen = self.place(d, manifest, nodes, current, now)
+                chosen = self.place(d, manifest, eff, snap, nodes, current, now)
                 before = sorted((p.node, p.version) for p in current)
                 after = sorted((n, d.version) for n in chosen)
                 if before != after:
@@ -132,41 +138,55 @@ class Reconciler:
             await self.publish_assignments(nodes)
 
     def place(
-        self, d: Any, manifest: Manifest, nodes: dict[str, NodeView], current: list[Any], now: float
+        self,
+        d: Any,
+        manifest: Manifest,
+        eff: Any,
+        snap: Any,
+        nodes: dict[str, NodeView],
+        current: list[Any],
+        now: float,
     ) -> list[str]:
-        """The nodes that should hold this deployment after this pass."""
-        where = dict(d.where or {})
-        keep: list[str] = []
-        kept_offline: list[str] = []
+        """The nodes that should hold this deployment after this pass.
+
+        The engine picks among live nodes (keeping current replicas that still
+        fit); a node that went offline keeps its placement until the offline
+        timeout, so a site that was only cut off comes back to what it had.
+        """
+        live_current = [p.node for p in current if p.node in nodes and nodes[p.node].live]
+        decision = scheduling.ENGINE.place(
+            scheduling.request(
+                d.function,
+                manifest,
+                eff,
+                replicas=d.max_replicas,
+                where=d.where or {},
+                current=live_current,
+            ),
+            snap,
+        )
+        chosen = list(decision.nodes)
+        if len(chosen) < d.min_replicas:
+            log.warning(
+                "%s@%s: %d of at least %d replicas placed: %s",
+                d.function,
+                d.version,
+                len(chosen),
+                d.min_replicas,
+                decision.reason,
+            )
         for p in current:
             v = nodes.get(p.node)
-            if v is None:
-                continue
-            if v.live and not v.draining and fits(v, manifest, where).ok:
-                keep.append(p.node)
-            elif (
-                not v.live
+            if (
+                v is not None
+                and p.node not in chosen
+                and not v.live
                 and not v.draining
                 and v.offline_since is not None
                 and now - v.offline_since < self.offline_timeout_s
             ):
-                kept_offline.append(p.node)
-        eligible = [
-            Candidate(v, len(self._load_of(v.name, nodes)))
-            for v in nodes.values()
-            if v.live and not v.draining and fits(v, manifest, where).ok
-        ]
-        target = max(d.min_replicas, min(d.max_replicas, len(eligible)))
-        target = min(target, d.max_replicas)
-        keep = keep[:target]
-        for c in choose(
-            [c for c in eligible if c.node.name not in keep], target - len(keep), keep, nodes
-        ):
-            keep.append(c.node.name)
-        return keep + [n for n in kept_offline if n not in keep]
-
-    def _load_of(self, node: str, nodes: dict[str, NodeView]) -> dict[str, str]:
-        return nodes[node].functions if node in nodes else {}
+                chosen.append(p.node)
+        return chosen
 
     async def _manifest(self, function: str, version: str) -> Manifest:
         key = (function, version)
@@ -203,10 +223,7 @@ class Reconciler:
                         "version": a.version,
                         "digest": a.digest,
                         "key": base64.b64encode(self._wrap_for(view, node, a.digest)).decode(),
-                        "allow_spill": bool(
-                            getattr(deployments.get(a.function), "allow_spill", False)
-                        ),
-                        "regions": list((await self._manifest(a.function, a.version)).data.regions),
+                        **self.rules.get(a.function, {"allow_spill": False, "regions": []}),
                         "rollback": getattr(deployments.get(a.function), "rollback", None)
                         if getattr(deployments.get(a.function), "version", None) == a.version
                         else None,

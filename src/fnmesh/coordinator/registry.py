@@ -39,6 +39,8 @@ class NodeView:
     heartbeat_period: float = 2.0
     draining: bool = False
     offline_since: float | None = None
+    #: The node's measured round trip to the broker (ms), from its heartbeats.
+    rtt_ms: float | None = None
 
     @property
     def live(self) -> bool:
@@ -125,9 +127,15 @@ class Registry:
         try:
             body = json.loads(payload)
             load = body.get("functions", {}) if isinstance(body, dict) else {}
-        except ValueError:
+            rtt = body.get("rtt_ms", {}).get("broker") if isinstance(body, dict) else None
+        except (ValueError, AttributeError):
             return
-        new = replace(old, last_heartbeat=now, load=load if isinstance(load, dict) else {})
+        new = replace(
+            old,
+            last_heartbeat=now,
+            load=load if isinstance(load, dict) else {},
+            rtt_ms=float(rtt) if isinstance(rtt, int | float) and rtt >= 0 else old.rtt_ms,
+        )
         if old.state == "offline" and old.last_status < now and old.cn:
             # Heartbeats resumed after a missed-heartbeat verdict: the node is back.
             new = replace(new, state="ready")

@@ -63,6 +63,18 @@ class Mesh:
     logs: Path | None = None
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop everything started, in reverse order; a second Ctrl-C cannot cut this short."""
+        try:
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except ValueError:  # not the main thread: nothing to guard
+            previous = None
+        try:
+            self._stop(timeout)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
+    def _stop(self, timeout: float) -> None:
         for _, p in reversed(self.procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)

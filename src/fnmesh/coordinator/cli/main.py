@@ -22,6 +22,7 @@ from fnmesh.coordinator.cli.mesh_cmds import (
     rollback,
     undeploy,
 )
+from fnmesh.coordinator.cli.policy_cmd import policy
 from fnmesh.coordinator.cli.router_cmd import router
 from fnmesh.coordinator.cli.security_cmds import audit, grant
 from fnmesh.coordinator.cli.up_cmd import up
@@ -38,6 +39,7 @@ cli.add_command(bundle)
 cli.add_command(bench)
 cli.add_command(broker)
 cli.add_command(agent)
+cli.add_command(policy)
 for _cmd in (
     up,
     coordinator,

@@ -306,9 +306,40 @@ def nodes(
 @click.command("placements", cls=MeshCommand)
 @client_options
 @json_option
-def placements(home: str | None, coordinator: str | None, as_: str | None, as_json: bool) -> None:
-    """Which node holds which function version."""
-    out = make_client(home, coordinator, as_).call("GET", "/v1/placements")
+@click.option("--explain", "explain", metavar="NS/NAME", help="Why each node holds NS/NAME or not.")
+def placements(
+    home: str | None, coordinator: str | None, as_: str | None, as_json: bool, explain: str | None
+) -> None:
+    """Which node holds which function version; --explain shows the reasons node by node."""
+    c = make_client(home, coordinator, as_)
+    if explain:
+        out = c.call("GET", f"/v1/placements/explain/{explain}")
+        if as_json:
+            print_json(out)
+            return
+        rows = []
+        for n in out["nodes"]:
+            why = "; ".join(
+                f"{s['plugin']}: {s['reason']}" for s in n["statuses"] if s["code"] != "fits"
+            )
+            scores = ", ".join(f"{k} {v:.0f}" for k, v in n["scores"].items())
+            rows.append(
+                (
+                    n["node"],
+                    n["verdict"],
+                    n["rank"] if n["rank"] is not None else "",
+                    f"{n['total']:.1f}" if n["total"] is not None else "",
+                    why or scores,
+                )
+            )
+        print_table(
+            f"{out['function']}: target {out['target']}"
+            + (f" ({out['reason']})" if out["reason"] else ""),
+            ["node", "verdict", "rank", "total", "why / scores"],
+            rows,
+        )
+        return
+    out = c.call("GET", "/v1/placements")
     if as_json:
         print_json(out)
         return

@@ -130,6 +130,23 @@ assignments = Table(
 
 # -- who may invoke what (the broker's ACL is generated from these) ------------------
 
+policies = Table(
+    "policies",
+    metadata,
+    Column("name", String(255), primary_key=True),
+    Column("version", BigInteger, nullable=False),
+    Column("body", JSON, nullable=False),
+    Column("updated_at", Double, nullable=False),
+)
+
+#: Policy versions only go up, across deletes too.
+policy_versions = Table(
+    "policy_versions",
+    metadata,
+    Column("name", String(255), primary_key=True),
+    Column("version", BigInteger, nullable=False),
+)
+
 grants = Table(
     "grants",
     metadata,

@@ -726,6 +726,43 @@ class Store:
             result = await conn.execute(delete(s.members).where(key))
         return bool(result.rowcount)
 
+    async def put_policy(self, name: str, body: dict[str, Any]) -> int:
+        """Create or replace a policy; returns its new version (versions only go up)."""
+        async with self._tx(write=True) as conn:
+            row = (
+                await conn.execute(
+                    select(s.policy_versions.c.version)
+                    .where(s.policy_versions.c.name == name)
+                    .with_for_update()
+                )
+            ).first()
+            version = (int(row.version) if row else 0) + 1
+            if row is None:
+                await conn.execute(s.policy_versions.insert().values(name=name, version=version))
+            else:
+                await conn.execute(
+                    update(s.policy_versions)
+                    .where(s.policy_versions.c.name == name)
+                    .values(version=version)
+                )
+            values = {"name": name, "version": version, "body": body, "updated_at": time.time()}
+            if (await conn.execute(select(s.policies.c.name).where(s.policies.c.name == name))).first():
+                await conn.execute(update(s.policies).where(s.policies.c.name == name).values(values))
+            else:
+                await conn.execute(s.policies.insert().values(values))
+        return version
+
+    async def delete_policy(self, name: str) -> bool:
+        async with self._tx(write=True) as conn:
+            result = await conn.execute(delete(s.policies).where(s.policies.c.name == name))
+        return bool(result.rowcount)
+
+    async def list_policies(self) -> list[tuple[str, int, dict[str, Any]]]:
+        """Every policy as (name, version, body), by name."""
+        async with self._tx(write=False) as conn:
+            rows = await conn.execute(select(s.policies).order_by(s.policies.c.name))
+            return [(r.name, int(r.version), dict(r.body)) for r in rows]
+
     async def list_grants(self) -> list[tuple[str, str]]:
         """Every (subject, function), sorted."""
         stmt = select(s.grants.c.subject, s.grants.c.function).order_by(

@@ -1,0 +1,89 @@
+"""Policies and placement explanations (``/v1/policies``, ``/v1/placements/explain``)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from fnmesh.certs.identity import Role
+from fnmesh.coordinator import scheduling
+from fnmesh.coordinator.api.auth import peer, problem, require
+from fnmesh.coordinator.api.state import CTX
+from fnmesh.coordinator.errors import NotFoundError
+from fnmesh.coordinator.policies import load_policies
+from fnmesh.errors import MeshError
+from fnmesh.functions.manifest import Manifest
+
+routes = web.RouteTableDef()
+
+
+@routes.post("/v1/policies")
+@require(Role.OPERATOR)
+async def apply_policies(request: web.Request) -> web.Response:
+    """Create or replace policies from a YAML (or JSON) body; each apply bumps the version."""
+    c = request.app[CTX]
+    text = await request.text()
+    try:
+        policies = load_policies(text)
+    except MeshError as e:
+        return problem(400, "bad_request", str(e))
+    if not policies:
+        return problem(400, "bad_request", "the body holds no policy")
+    out = []
+    for p in policies:
+        body = p.model_dump(mode="json", exclude={"version"})
+        version = await c.store.put_policy(p.name, body)
+        await c.audit.append("policy", peer(request).cn, {"name": p.name, "version": version})
+        out.append({"name": p.name, "version": version})
+    c.reconciler.kick()
+    return web.json_response(out, status=201)
+
+
+@routes.get("/v1/policies")
+async def list_policies(request: web.Request) -> web.Response:
+    c = request.app[CTX]
+    return web.json_response(
+        [{"name": n, "version": v, **body} for n, v, body in await c.store.list_policies()]
+    )
+
+
+@routes.delete("/v1/policies/{name}")
+@require(Role.OPERATOR)
+async def delete_policy(request: web.Request) -> web.Response:
+    c = request.app[CTX]
+    name = request.match_info["name"]
+    if not await c.store.delete_policy(name):
+        return problem(404, "not_found", f"no policy {name}")
+    await c.audit.append("policy-delete", peer(request).cn, {"name": name})
+    c.reconciler.kick()
+    return web.json_response({"name": name, "deleted": True})
+
+
+@routes.get("/v1/placements/explain/{ns}/{name}")
+async def explain(request: web.Request) -> web.Response:
+    """For every node: why it was excluded, or how each score part came out."""
+    c = request.app[CTX]
+    fid = f"{request.match_info['ns']}/{request.match_info['name']}"
+    d = await c.store.get_deployment(fid)
+    try:
+        if d is not None:
+            rec = await c.store.get_version(fid, d.version)
+        else:
+            versions = await c.store.versions(fid)
+            if not versions:
+                raise NotFoundError(f"no function {fid}")
+            rec = versions[-1]
+    except NotFoundError as e:
+        return problem(404, "not_found", str(e))
+    manifest = Manifest.model_validate(rec.manifest)
+    nodes = c.registry.snapshot()
+    eff = scheduling.effective(await scheduling.load_policies(c.store), fid, manifest)
+    current = [p.node for p in await c.store.placements(fid)]
+    req = scheduling.request(
+        fid,
+        manifest,
+        eff,
+        replicas=d.max_replicas if d else 1,
+        where=d.where if d else {},
+        current=current,
+    )
+    return web.json_response(scheduling.ENGINE.explain(req, scheduling.snapshot(nodes)).as_dict())
