@@ -102,6 +102,10 @@ class Grants:
         name = None if group is None else group_subject(group).removeprefix(GROUP_PREFIX)
         return await self.store.list_members(name)
 
+    async def may_invoke(self, device: str, function: str) -> bool:
+        """Whether the device (CN) may invoke ``function``, directly or through a group."""
+        return await self.store.may_invoke(device_cn(device), function, GROUP_PREFIX)
+
     async def acl_subjects(self) -> dict[str, set[str]]:
         """Device CN -> every function it may invoke, directly or through a group."""
         return await self.store.grant_map(GROUP_PREFIX)

@@ -18,6 +18,17 @@ def _json(schema: dict[str, Any], desc: str = "OK") -> dict[str, Any]:
     return {"description": desc, "content": {"application/json": {"schema": schema}}}
 
 
+def _answer(desc: str, schema: str = "Problem") -> dict[str, Any]:
+    """An invocation's answer: in the request's encoding (JSON, or msgpack for any other body)."""
+    return {
+        "description": desc,
+        "content": {
+            "application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}},
+            "application/msgpack": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+
+
 _AUTH = {"401": _err("No client certificate, or one the fleet does not trust")}
 _FORBIDDEN = {"403": _err("The caller's role may not do this")}
 _NS = {
@@ -156,16 +167,16 @@ OPENAPI: dict[str, Any] = {
                     },
                 },
                 "responses": {
-                    "200": _json(
-                        {"$ref": "#/components/schemas/InvokeResponse"}, "The function's outputs"
+                    "200": _answer("The function's outputs", "InvokeResponse"),
+                    "400": _answer(
+                        "bad_request: malformed, or inputs that do not match the function"
                     ),
-                    "400": _err("bad_request: malformed, or inputs that do not match the function"),
                     **_AUTH,
-                    "403": _err("forbidden"),
-                    "404": _err("not_found: no such function deployed"),
-                    "429": _err("saturated: no replica can take the request in time"),
-                    "500": _err("internal: the function failed"),
-                    "504": _err("timeout: no answer before the deadline"),
+                    "403": _err("forbidden: a device without a grant for this function"),
+                    "404": _answer("not_found: no such function deployed"),
+                    "429": _answer("saturated: no replica can take the request in time"),
+                    "500": _answer("internal: the function failed"),
+                    "504": _answer("timeout: no answer before the deadline"),
                 },
             }
         },
@@ -255,6 +266,223 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
+        "/v1/grants": {
+            "get": {
+                "summary": "Grants and group memberships (operator)",
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["grants", "members"],
+                            "properties": {
+                                "grants": {
+                                    "type": "array",
+                                    "items": {"$ref": "#/components/schemas/GrantRequest"},
+                                },
+                                "members": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["group", "device"],
+                                        "properties": {
+                                            "group": {"type": "string"},
+                                            "device": {"type": "string"},
+                                        },
+                                    },
+                                },
+                            },
+                        }
+                    ),
+                    **_AUTH,
+                    **_FORBIDDEN,
+                },
+            },
+            "post": {
+                "summary": "Let a device (device.NAME) or a group (group:NAME) invoke a function "
+                "(operator; the broker ACL follows)",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": "#/components/schemas/GrantRequest"}
+                        }
+                    },
+                },
+                "responses": {
+                    "201": _json(
+                        {
+                            "type": "object",
+                            "required": ["subject", "function", "added"],
+                            "properties": {
+                                "subject": {"type": "string"},
+                                "function": {"type": "string"},
+                                "added": {"type": "boolean"},
+                            },
+                        },
+                        "Granted (added is false when it already was)",
+                    ),
+                    "400": _err("Malformed request, subject or function id"),
+                    **_AUTH,
+                    **_FORBIDDEN,
+                },
+            },
+            "delete": {
+                "summary": "Take a grant back (operator)",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": "#/components/schemas/GrantRequest"}
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["subject", "function", "removed"],
+                            "properties": {
+                                "subject": {"type": "string"},
+                                "function": {"type": "string"},
+                                "removed": {"type": "boolean"},
+                            },
+                        }
+                    ),
+                    "400": _err("Malformed request, subject or function id"),
+                    **_AUTH,
+                    **_FORBIDDEN,
+                    "404": _err("No such grant"),
+                },
+            },
+        },
+        "/v1/groups/{group}/members": {
+            "post": {
+                "summary": "Put a device in a group (operator)",
+                "parameters": [
+                    {"name": "group", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["device"],
+                                "additionalProperties": False,
+                                "properties": {
+                                    "device": {"type": "string", "minLength": 1, "maxLength": 200}
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "201": _json(
+                        {
+                            "type": "object",
+                            "required": ["group", "device", "added"],
+                            "properties": {
+                                "group": {"type": "string"},
+                                "device": {"type": "string"},
+                                "added": {"type": "boolean"},
+                            },
+                        },
+                        "A member (added is false when it already was)",
+                    ),
+                    "400": _err("Malformed request, group or device name"),
+                    **_AUTH,
+                    **_FORBIDDEN,
+                },
+            }
+        },
+        "/v1/revocations": {
+            "post": {
+                "summary": "Revoke an identity by name or serial (operator); the signed list "
+                "reaches the broker, routers and nodes",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["name_or_serial"],
+                                "additionalProperties": False,
+                                "properties": {
+                                    "name_or_serial": {
+                                        "type": "string",
+                                        "minLength": 1,
+                                        "maxLength": 200,
+                                    }
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "201": _json(
+                        {
+                            "type": "object",
+                            "required": ["revoked"],
+                            "properties": {
+                                "revoked": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["cn", "serial"],
+                                        "properties": {
+                                            "cn": {"type": "string"},
+                                            "serial": {"type": "string"},
+                                        },
+                                    },
+                                }
+                            },
+                        },
+                        "Revoked",
+                    ),
+                    "400": _err("Malformed request, or no live certificate matches"),
+                    **_AUTH,
+                    **_FORBIDDEN,
+                },
+            }
+        },
+        "/v1/audit": {
+            "get": {
+                "summary": "The hash-chained audit log, oldest first (operator)",
+                "parameters": [
+                    {"name": "limit", "in": "query", "schema": {"type": "integer"}},
+                    {"name": "since", "in": "query", "schema": {"type": "integer"}},
+                ],
+                "responses": {
+                    "200": _json(
+                        {"type": "array", "items": {"$ref": "#/components/schemas/AuditEntry"}}
+                    ),
+                    "400": _err("limit and since must be integers"),
+                    **_AUTH,
+                    **_FORBIDDEN,
+                },
+            }
+        },
+        "/v1/audit/verify": {
+            "get": {
+                "summary": "Check the audit log's hash chain (operator)",
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["ok", "first_bad_seq", "reason", "checked"],
+                            "properties": {
+                                "ok": {"type": "boolean"},
+                                "first_bad_seq": {"type": ["integer", "null"]},
+                                "reason": {"type": "string"},
+                                "checked": {"type": "integer"},
+                            },
+                        }
+                    ),
+                    **_AUTH,
+                    **_FORBIDDEN,
+                },
+            }
+        },
     },
     "components": {
         "schemas": {
@@ -271,6 +499,28 @@ OPENAPI: dict[str, Any] = {
                 },
             },
             "Tensor": _TENSOR,
+            "GrantRequest": {
+                "type": "object",
+                "required": ["subject", "function"],
+                "additionalProperties": False,
+                "properties": {
+                    "subject": {"type": "string", "minLength": 1, "maxLength": 200},
+                    "function": {"type": "string", "minLength": 3, "maxLength": 200},
+                },
+            },
+            "AuditEntry": {
+                "type": "object",
+                "required": ["seq", "ts", "who", "action", "detail", "prev_hash", "hash"],
+                "properties": {
+                    "seq": {"type": "integer"},
+                    "ts": {"type": "number"},
+                    "who": {"type": "string"},
+                    "action": {"type": "string"},
+                    "detail": {"type": "object"},
+                    "prev_hash": {"type": "string"},
+                    "hash": {"type": "string"},
+                },
+            },
             "InvokeRequest": {
                 "type": "object",
                 "required": ["inputs"],

@@ -35,6 +35,15 @@ def ctx(request: web.Request) -> Context:
     return request.app[CTX]
 
 
+async def json_body(request: web.Request) -> Any:
+    """The request's JSON body; malformed, non-UTF-8 or too deeply nested JSON is a ValueError
+    (which handlers answer 400), never an uncaught RecursionError (a 500)."""
+    try:
+        return await request.json()
+    except RecursionError as e:
+        raise ValueError("the JSON body is nested too deeply") from e
+
+
 def fid_of(request: web.Request) -> str:
     return f"{request.match_info['ns']}/{request.match_info['name']}"
 
@@ -219,7 +228,7 @@ def _deployment_json(d: Any) -> dict[str, Any]:
 async def deploy(request: web.Request) -> web.Response:
     c = ctx(request)
     try:
-        body = DeployBody.model_validate(await request.json())
+        body = DeployBody.model_validate(await json_body(request))
         split_function_id(body.function)
     except (ValidationError, ValueError, MeshError) as e:
         return problem(400, "bad_request", _reason(e))
@@ -357,16 +366,23 @@ async def fetch_bundle(request: web.Request) -> web.Response:
 async def invoke(request: web.Request) -> web.Response:
     c = ctx(request)
     who = peer(request)
+    fid = fid_of(request)
+    try:
+        # The id becomes a topic: a control character in it would make the broker drop the
+        # coordinator's own connection (malformed packet).
+        split_function_id(fid)
+    except MeshError as e:
+        return problem(404, "not_found", str(e))
     # A device invokes what it was granted, over HTTP as on the broker (whose ACL says the same).
-    if who.role == Role.DEVICE and not await c.grants.may_invoke(who.cn, fid_of(request)):
-        return problem(403, "forbidden", f"{who.cn} has no grant for {fid_of(request)}")
+    if who.role == Role.DEVICE and not await c.grants.may_invoke(who.cn, fid):
+        return problem(403, "forbidden", f"{who.cn} has no grant for {fid}")
     body = await request.content.read(c.max_payload + 1)
     if len(body) > c.max_payload:
         return problem(
             400, "bad_request", f"request is over the coordinator's limit of {c.max_payload} bytes"
         )
     status, out, ct = await c.invoker.invoke(
-        fid_of(request), body, request.headers.get("Content-Type"), c.invoke_timeout
+        fid, body, request.headers.get("Content-Type"), c.invoke_timeout
     )
     return web.Response(body=out, status=status, content_type=ct.split(";")[0])
 
@@ -406,7 +422,7 @@ async def grant(request: web.Request) -> web.Response:
     """Let a device, or every device of a group, invoke a function (the broker ACL follows)."""
     c = ctx(request)
     try:
-        body = GrantBody.model_validate(await request.json())
+        body = GrantBody.model_validate(await json_body(request))
         added = await c.grants.grant(body.subject, body.function)
     except (ValidationError, ValueError, MeshError) as e:
         return problem(400, "bad_request", _reason(e))
@@ -424,7 +440,7 @@ async def grant(request: web.Request) -> web.Response:
 async def ungrant(request: web.Request) -> web.Response:
     c = ctx(request)
     try:
-        body = GrantBody.model_validate(await request.json())
+        body = GrantBody.model_validate(await json_body(request))
         removed = await c.grants.revoke_grant(body.subject, body.function)
     except (ValidationError, ValueError, MeshError) as e:
         return problem(400, "bad_request", _reason(e))
@@ -449,7 +465,7 @@ async def add_member(request: web.Request) -> web.Response:
     c = ctx(request)
     group = request.match_info["group"]
     try:
-        body = MemberBody.model_validate(await request.json())
+        body = MemberBody.model_validate(await json_body(request))
         added = await c.grants.add_member(group, body.device)
     except (ValidationError, ValueError, MeshError) as e:
         return problem(400, "bad_request", _reason(e))
@@ -472,7 +488,7 @@ async def revoke(request: web.Request) -> web.Response:
 
     c = ctx(request)
     try:
-        body = RevokeBody.model_validate(await request.json())
+        body = RevokeBody.model_validate(await json_body(request))
         done = FleetCA.load(c.home).revoke(body.name_or_serial)
     except (ValidationError, ValueError, MeshError) as e:
         return problem(400, "bad_request", _reason(e))
