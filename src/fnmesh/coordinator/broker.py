@@ -36,6 +36,52 @@ class BrokerError(MeshError):
 
 
 @dataclass(frozen=True, slots=True)
+class Bridge:
+    """A site broker's bridge to the cloud broker (TLS both ways, the site broker's identity)."""
+
+    name: str
+    host: str
+    port: int
+    root: str
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+    #: mqttv311 by default: Debian 12's Mosquitto 2.0.11 refuses its own MQTT 5
+    #: bridge CONNECT ("protocol error"). Over a 3.1.1 bridge MQTT 5 properties
+    #: (ResponseTopic, CorrelationData) do not cross: devices behind a site broker
+    #: put ``reply_to`` and ``id`` in the payload for answers that cross it.
+    protocol: str = "mqttv311"
+
+    def lines(self) -> list[str]:
+        r = self.root
+        return [
+            f"connection {self.name}",
+            f"address {self.host}:{self.port}",
+            f"bridge_protocol_version {self.protocol}",
+            f"bridge_cafile {self.cafile}",
+            f"bridge_certfile {self.certfile}",
+            f"bridge_keyfile {self.keyfile}",
+            "bridge_insecure false",
+            "cleansession false",
+            f"remote_clientid {self.name}",
+            # Loop prevention: the remote Mosquitto never sends a bridge's own messages back.
+            *(["try_private true"] if self.protocol != "mqttv50" else []),
+            "notifications false",
+            "restart_timeout 1 10",
+            # What crosses (DESIGN.md, broker): out, the site nodes' status and
+            # heartbeats and spills addressed to cloud nodes; in, assignments, the
+            # revocation list and the cloud nodes' status and heartbeats; replies
+            # both ways. spill/# (the site router's) and fn/# never cross.
+            f"topic {r}/nodes/+/status both 1",
+            f"topic {r}/nodes/+/heartbeat both 0",
+            f"topic {r}/nodes/+/spill/# out 1",
+            f"topic {r}/nodes/+/assign in 1",
+            f"topic {r}/crl in 1",
+            f"topic {r}/replies/# both 1",
+        ]
+
+
+@dataclass(frozen=True, slots=True)
 class BrokerSettings:
     """What goes into one broker's config."""
 
@@ -53,6 +99,10 @@ class BrokerSettings:
     max_queued_messages: int = MAX_QUEUED_MESSAGES
     memory_limit: int = MEMORY_LIMIT
     log_type: tuple[str, ...] = ("error", "warning")
+    #: A bridge to the cloud broker, for a site's own broker.
+    bridge: Bridge | None = None
+    #: Seconds between persistence saves (a killed broker loses at most this much).
+    autosave_s: int = 5
 
 
 def render(s: BrokerSettings) -> str:
@@ -62,7 +112,7 @@ def render(s: BrokerSettings) -> str:
         f"user {getpass.getuser()}",
         "persistence true",
         f"persistence_location {s.data_dir}/",
-        "autosave_interval 30",
+        f"autosave_interval {s.autosave_s}",
         f"pid_file {s.data_dir}/mosquitto.pid",
         "log_dest stderr",
         *[f"log_type {t}" for t in s.log_type],
@@ -99,6 +149,8 @@ def render(s: BrokerSettings) -> str:
         lines.append("")
     if s.plain_port is not None:
         lines += [f"listener {s.plain_port} 127.0.0.1", "protocol mqtt", "allow_anonymous true", ""]
+    if s.bridge is not None:
+        lines += [*s.bridge.lines(), ""]
     return "\n".join(lines)
 
 
@@ -111,8 +163,28 @@ def settings_for_home(
     bind: str = "127.0.0.1",
     broker_name: str = "broker.main",
     acl_file: Path | None = None,
+    bridge_to: str | None = None,
+    root: str = "fnmesh/v1",
 ) -> BrokerSettings:
     ident = home.identity_dir(broker_name)
+    bridge = None
+    if bridge_to is not None:
+        from urllib.parse import urlsplit
+
+        url = urlsplit(bridge_to)
+        if url.scheme != "mqtts" or not url.hostname:
+            raise BrokerError(
+                f"--bridge-to {bridge_to!r} must be mqtts://HOST:PORT (TLS both ways)"
+            )
+        bridge = Bridge(
+            name=broker_name.replace(".", "-"),
+            host=url.hostname,
+            port=url.port or 8883,
+            root=root,
+            cafile=home.ca_cert,
+            certfile=ident / "cert.pem",
+            keyfile=ident / "key.pem",
+        )
     return BrokerSettings(
         data_dir=out_dir / "data",
         tls_port=tls_port,
@@ -123,6 +195,7 @@ def settings_for_home(
         keyfile=ident / "key.pem",
         crlfile=home.crl,
         acl_file=acl_file,
+        bridge=bridge,
     )
 
 

@@ -70,6 +70,10 @@ def broker() -> None:
 @click.option(
     "--broker-name", default="broker.main", show_default=True, help="The broker's identity."
 )
+@click.option("--site", default=None, help="Configure SITE's own broker (identity broker.SITE).")
+@click.option(
+    "--bridge-to", default=None, help="mqtts://HOST:PORT of the cloud broker to bridge to."
+)
 @json_option
 def config(
     home: str | None,
@@ -80,11 +84,17 @@ def config(
     topic_root: str | None,
     db_url: str | None,
     broker_name: str,
+    site: str | None,
+    bridge_to: str | None,
     as_json: bool,
 ) -> None:
     """Write mosquitto.conf and its ACL file (identities and grants) into OUT."""
     h = get_home(home)
     root = check_root(topic_root or h.load_config().topic_root)
+    if site is not None:
+        broker_name = f"broker.{site}"
+    if bridge_to is not None and site is None:
+        raise click.UsageError("--bridge-to configures a site broker: give --site too")
     if db_url is None:
         db = h.root / "coordinator" / "coordinator.db"
         db_url = sqlite_url(db) if db.exists() else None
@@ -99,6 +109,8 @@ def config(
         bind=bind,
         broker_name=broker_name,
         acl_file=acl_path,
+        bridge_to=bridge_to,
+        root=root,
     )
     conf = write_config(settings, out)
     summary = {
@@ -106,6 +118,7 @@ def config(
         "acl": str(acl_path),
         "topic_root": root,
         "devices_with_grants": len(grants),
+        "bridge_to": bridge_to,
         "grants_from": make_url(db_url).render_as_string(hide_password=True) if db_url else None,
     }
     if as_json:
