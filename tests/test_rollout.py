@@ -192,3 +192,38 @@ async def test_rolling_update_under_load_fails_nothing(mesh: Mesh) -> None:
     assert seen[0] == "1.0.0" and "2.0.0" in seen and seen[-1] == "1.0.0"
     versions = (await api.async_call("GET", f"/v1/functions/{FID}"))["deployment"]
     assert versions["version"] == "1.0.0" and versions["rollback"] is not None
+
+
+async def test_drain_moves_work_and_undo_brings_the_node_back(mesh: Mesh) -> None:
+    api = Client(mesh.home, mesh.home.load_config())
+    await api.async_call(
+        "POST",
+        "/v1/deployments",
+        json_body={"function": FID, "version": "1.0.0", "min": 1, "max": 1},
+    )
+
+    async def holders() -> list[str]:
+        rows = await api.async_call("GET", "/v1/placements")
+        return [p["node"] for p in rows if p["function"] == FID]
+
+    end = time.monotonic() + 30
+    while len(await holders()) != 1:
+        assert time.monotonic() < end
+        await asyncio.sleep(0.05)
+    (first,) = await holders()
+    await api.async_call("POST", f"/v1/nodes/{first}/drain", json_body={"draining": True})
+    end = time.monotonic() + 30
+    while (h := await holders()) == [first] or not h:
+        assert time.monotonic() < end, f"work never left {first}"
+        await asyncio.sleep(0.05)
+    assert first not in h
+    nodes = {n["name"]: n for n in await api.async_call("GET", "/v1/nodes")}
+    assert nodes[first]["state"] == "draining"
+    await api.async_call("POST", f"/v1/nodes/{first}/drain", json_body={"draining": False})
+    nodes = {n["name"]: n for n in await api.async_call("GET", "/v1/nodes")}
+    assert nodes[first]["state"] == "ready"
+    with pytest.raises(ApiError) as e:
+        await api.async_call("POST", "/v1/nodes/nowhere/drain", json_body={"draining": True})
+    assert e.value.status == 404
+    entries = await api.async_call("GET", "/v1/audit")
+    assert [x["action"] for x in entries][-2:] == ["drain", "undrain"]

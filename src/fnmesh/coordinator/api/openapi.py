@@ -222,6 +222,79 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
+        "/v1/policies": {
+            "get": {
+                "summary": "Operator policies, with versions",
+                "responses": {
+                    "200": _json({"type": "array", "items": {"type": "object"}}),
+                    **_AUTH,
+                },
+            },
+            "post": {
+                "summary": "Create or replace policies from YAML (operator); each apply bumps the version",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/yaml": {"schema": {"type": "string"}}},
+                },
+                "responses": {
+                    "201": _json({"type": "array", "items": {"type": "object"}}, "Applied"),
+                    "400": _err("Not valid policy YAML (the reason names the field)"),
+                    **_AUTH,
+                    **_FORBIDDEN,
+                },
+            },
+        },
+        "/v1/policies/{name}": {
+            "delete": {
+                "summary": "Delete a policy (operator)",
+                "parameters": [
+                    {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {
+                    "200": _json({"type": "object"}),
+                    **_AUTH,
+                    **_FORBIDDEN,
+                    "404": _err("No such policy"),
+                },
+            }
+        },
+        "/v1/placements/explain/{ns}/{name}": {
+            "get": {
+                "summary": "For every node: why it was excluded, or how each score part came out",
+                "parameters": [_NS, _NAME],
+                "responses": {
+                    "200": _json({"type": "object"}),
+                    **_AUTH,
+                    "404": _err("No such function"),
+                },
+            }
+        },
+        "/v1/nodes/{node}/drain": {
+            "post": {
+                "summary": "Drain a node: its work moves elsewhere (operator)",
+                "parameters": [
+                    {"name": "node", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {"draining": {"type": "boolean"}},
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json({"type": "object"}),
+                    "400": _err("Malformed request"),
+                    **_AUTH,
+                    **_FORBIDDEN,
+                    "404": _err("No such node"),
+                },
+            }
+        },
         "/v1/nodes": {
             "get": {
                 "summary": "Nodes with state, labels, hardware, load",

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from aiohttp import web
 
 from fnmesh.certs.identity import Role
 from fnmesh.coordinator import scheduling
 from fnmesh.coordinator.api.auth import peer, problem, require
+from fnmesh.coordinator.api.routes import json_body
 from fnmesh.coordinator.api.state import CTX
 from fnmesh.coordinator.errors import NotFoundError
 from fnmesh.coordinator.policies import load_policies
@@ -21,11 +24,16 @@ routes = web.RouteTableDef()
 async def apply_policies(request: web.Request) -> web.Response:
     """Create or replace policies from a YAML (or JSON) body; each apply bumps the version."""
     c = request.app[CTX]
-    text = await request.text()
+    try:
+        text = await request.text()
+    except UnicodeDecodeError:
+        return problem(400, "bad_request", "the policy body is not UTF-8 text")
     try:
         policies = load_policies(text)
     except MeshError as e:
         return problem(400, "bad_request", str(e))
+    except RecursionError:
+        return problem(400, "bad_request", "the policy document is nested too deeply")
     if not policies:
         return problem(400, "bad_request", "the body holds no policy")
     out = []
@@ -87,3 +95,27 @@ async def explain(request: web.Request) -> web.Response:
         current=current,
     )
     return web.json_response(scheduling.ENGINE.explain(req, scheduling.snapshot(nodes)).as_dict())
+
+
+@routes.post("/v1/nodes/{node}/drain")
+@require(Role.OPERATOR)
+async def drain(request: web.Request) -> web.Response:
+    """Move a node's work elsewhere and give it no more (``{"draining": false}`` undoes it)."""
+    c = request.app[CTX]
+    node = request.match_info["node"]
+    try:
+        body = await json_body(request)
+        draining = body.get("draining", True) if isinstance(body, dict) else None
+        if not isinstance(draining, bool):
+            raise ValueError("'draining' must be true or false")
+    except ValueError as e:
+        return problem(400, "bad_request", f'drain takes {{"draining": bool}}: {e}')
+    if c.registry.get(node) is None:
+        return problem(404, "not_found", f"no node {node}")
+    c.registry.set_draining(node, draining)
+    # A node known from MQTT only so far is held by the registry until it is stored.
+    with contextlib.suppress(NotFoundError):
+        await c.store.set_draining(node, draining)
+    await c.audit.append("drain" if draining else "undrain", peer(request).cn, {"node": node})
+    c.reconciler.kick()
+    return web.json_response({"node": node, "draining": draining})

@@ -325,6 +325,7 @@ async def list_nodes(request: web.Request) -> web.Response:
                 "load": v.load,
                 "fingerprint": v.fingerprint,
                 "http": v.http,
+                "rtt_ms": v.rtt_ms,
                 "last_heartbeat_s": round(now - v.last_heartbeat, 3) if v.last_heartbeat else None,
             }
         )

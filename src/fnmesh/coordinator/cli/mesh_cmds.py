@@ -14,6 +14,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 
 from fnmesh.coordinator.cli.common import (
     MeshCommand,
+    MeshGroup,
     console,
     get_home,
     home_option,
@@ -253,14 +254,23 @@ def functions(home: str | None, coordinator: str | None, as_: str | None, as_jso
     )
 
 
-@click.command("nodes", cls=MeshCommand)
+@click.group("nodes", cls=MeshGroup, invoke_without_command=True)
 @client_options
 @json_option
 @click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C.")
+@click.pass_context
 def nodes(
-    home: str | None, coordinator: str | None, as_: str | None, as_json: bool, watch: bool
+    ctx: click.Context,
+    home: str | None,
+    coordinator: str | None,
+    as_: str | None,
+    as_json: bool,
+    watch: bool,
 ) -> None:
-    """Nodes: state, labels, hardware, functions, load."""
+    """Nodes: state, labels, hardware, functions, load, RTT (subcommands: drain)."""
+    ctx.obj = (home, coordinator, as_)
+    if ctx.invoked_subcommand is not None:
+        return
     c = make_client(home, coordinator, as_)
 
     def show() -> None:
@@ -274,6 +284,7 @@ def nodes(
                 int(v.get("in_flight", 0)) + int(v.get("queued", 0)) for v in n["load"].values()
             )
             hw = n["hardware"]
+            rtt = n.get("rtt_ms")
             rows.append(
                 (
                     n["name"],
@@ -283,11 +294,21 @@ def nodes(
                     ", ".join(f"{k}@{v}" for k, v in sorted(n["functions"].items())) or "-",
                     load,
                     n["last_heartbeat_s"] if n["last_heartbeat_s"] is not None else "-",
+                    f"{rtt:.2f}" if rtt is not None else "-",
                 )
             )
         print_table(
             None,
-            ["node", "state", "labels", "hardware", "functions", "load", "heartbeat age (s)"],
+            [
+                "node",
+                "state",
+                "labels",
+                "hardware",
+                "functions",
+                "load",
+                "heartbeat age (s)",
+                "RTT (ms)",
+            ],
             rows,
         )
 
@@ -447,3 +468,20 @@ def rollback(
         print_json(out)
     else:
         console.print(f"rolled [bold]{function}[/bold] back from {current['version']} to {target}")
+
+
+@nodes.command("drain", cls=MeshCommand)
+@click.argument("node")
+@click.option("--undo", is_flag=True, help="Take the node back into service.")
+@json_option
+@click.pass_context
+def drain(ctx: click.Context, node: str, undo: bool, as_json: bool) -> None:
+    """Move NODE's work elsewhere and give it no more (operator)."""
+    home, coordinator, as_ = ctx.obj
+    out = make_client(home, coordinator, as_).call(
+        "POST", f"/v1/nodes/{node}/drain", json_body={"draining": not undo}
+    )
+    if as_json:
+        print_json(out)
+    else:
+        console.print(f"{node} is {'draining' if not undo else 'back in service'}")
