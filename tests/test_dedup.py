@@ -68,14 +68,14 @@ def test_window_and_bounds() -> None:
         k = ("t", str(i), "")
         assert c.begin(k, Sink())
         c.complete(k, b"x" * 10, Encoding.JSON, store=True)
-    assert len(c) == 3 and c.bytes == 30
+    assert len(c) == 3 and c.size_bytes == 30
     assert c.begin(("t", "0", ""), Sink()), "evicted entries are forgotten"
     clock.now = 11
     assert c.begin(("t", "4", ""), Sink()), "expired entries are forgotten"
     big = ("t", "big", "")
     assert c.begin(big, Sink())
     c.complete(big, b"y" * 200, Encoding.JSON, store=True)
-    assert c.bytes <= 100
+    assert c.size_bytes <= 100
 
 
 async def test_retry_with_same_id_is_answered_from_first_execution(

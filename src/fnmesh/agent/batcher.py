@@ -29,7 +29,7 @@ class Pending:
     rows: int
     received: float
     deadline: float | None
-    done: Callable[[Any], None]
+    done: Callable[..., None]
     meta: Any = None
     started: float = field(default=0.0)
 

@@ -55,7 +55,7 @@ class ReplyCache:
         return len(self._d)
 
     @property
-    def bytes(self) -> int:
+    def size_bytes(self) -> int:
         return self._bytes
 
     def begin(self, key: Key, sink: EncodedSink) -> bool:

@@ -30,6 +30,9 @@ class HttpSink:
     def accept(self, reply_to: str | None) -> bool:
         return True
 
+    def send_encoded(self, payload: bytes, encoding: Encoding) -> None:
+        raise AssertionError("HTTP requests are not deduplicated: nothing is replayed to them")
+
     def send(self, result: Result, encoding: Encoding) -> None:
         if not self.future.done():
             self.future.set_result((result, encoding))
@@ -92,8 +95,9 @@ async def async_start_http(
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
-    server = site._server
     bound = port
-    if server is not None and server.sockets:  # type: ignore[union-attr]
-        bound = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    for addr in runner.addresses:
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            bound = int(addr[1])
+            break
     return runner, bound

@@ -212,8 +212,21 @@ class Agent:
 
     def load_report(self) -> dict[str, Any]:
         stats = self.pool.stats()
+        functions: dict[str, dict[str, float]] = self.service.load()
+        # Cumulative counters: the coordinator's autoscaler turns them into rates.
+        for metric in self.metrics.registry.collect():
+            if metric.name not in ("fnmesh_agent_answers", "fnmesh_agent_spilled"):
+                continue
+            key = "answers" if metric.name == "fnmesh_agent_answers" else "spilled"
+            for sample in metric.samples:
+                fl = functions.get(sample.labels.get("function", ""))
+                if fl is not None and sample.name.endswith("_total"):
+                    fl[key] = fl.get(key, 0) + sample.value
+        for fl in functions.values():
+            fl.setdefault("answers", 0)
+            fl.setdefault("spilled", 0)
         return {
-            "functions": self.service.load(),
+            "functions": functions,
             "loaded": [f"{k[0]}@{k[1]}" for k in stats.loaded],
             "pool_bytes": stats.bytes,
             "utilisation": utilisation(),
@@ -303,7 +316,7 @@ class Agent:
         self.inbox.start()
         self.mqtt.subscribe(
             f"{self.cfg.topic_root}/crl",
-            lambda msg: self._spawn(self.revocations.async_on_message(msg.payload)),
+            lambda msg: self._spawn(self.revocations.async_on_message(bytes(msg.payload))),
             qos=1,
         )
         self.mqtt.add_connect_hook(self.presence.async_publish_status)
@@ -324,7 +337,7 @@ class Agent:
         self.assignments.start()
         self.mqtt.subscribe(
             f"{self.cfg.topic_root}/nodes/{self.cfg.name}/assign",
-            lambda msg: self.assignments.on_message(msg.payload),
+            lambda msg: self.assignments.on_message(bytes(msg.payload)),
             qos=1,
         )
         await self.mqtt.async_start()

@@ -19,13 +19,13 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -38,7 +38,7 @@ mqtt_speedups.apply()
 log = logging.getLogger("fnmesh.mqtt")
 
 Handler = Callable[[mqtt.MQTTMessage], None]
-Hook = Callable[[], Awaitable[None]]
+Hook = Callable[[], Coroutine[Any, Any, None]]
 
 
 class TransportError(MeshError):
@@ -119,7 +119,7 @@ class _CoalescingClient(mqtt.Client):
             return len(buf)
         return super()._sock_send(buf)
 
-    def loop_write(self) -> mqtt.MQTTErrorCode:
+    def loop_write(self) -> MQTTErrorCode:
         if self._wbuf and not self._flush():
             return mqtt.MQTT_ERR_SUCCESS
         self._collecting = True
@@ -275,7 +275,7 @@ class MqttClient:
     def publish(
         self,
         topic: str,
-        payload: bytes,
+        payload: bytes | bytearray,
         qos: int = 1,
         retain: bool = False,
         props: Properties | None = None,

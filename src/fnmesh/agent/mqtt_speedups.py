@@ -16,9 +16,10 @@ from __future__ import annotations
 from typing import Any
 
 from paho.mqtt import properties as _p
+from paho.mqtt.packettypes import PacketTypes
 
 _Original = _p.Properties
-_TEMPLATE = _Original(_p.PacketTypes.PUBLISH)
+_TEMPLATE = _Original(PacketTypes.PUBLISH)
 _TYPES: list[str] = _TEMPLATE.types
 _NAMES: dict[str, int] = _TEMPLATE.names
 _PROPS: dict[int, tuple[int, list[int]]] = _TEMPLATE.properties
@@ -82,7 +83,7 @@ def _setattr(self: Any, name: str, value: Any) -> None:
     ):
         object.__setattr__(self, compressed, value)
         return
-    _orig_setattr(self, name, value)
+    _orig_setattr(self, name, value)  # type: ignore[no-untyped-call]
 
 
 def _pack(self: Any) -> bytes:

@@ -59,6 +59,9 @@ class _Recording:
     def accept(self, reply_to: str | None) -> bool:
         return True
 
+    def send_encoded(self, payload: bytes, encoding: Encoding) -> None:
+        self._inner.send_encoded(payload, encoding)
+
     def send(self, result: Result, encoding: Encoding) -> None:
         payload = encode_result(result, encoding)
         waiters = self._cache.complete(
@@ -77,6 +80,10 @@ class Sink(Protocol):
         ...
 
     def send(self, result: Result, encoding: Encoding) -> None: ...
+
+    def send_encoded(self, payload: bytes, encoding: Encoding) -> None:
+        """Send bytes already encoded (a replayed answer)."""
+        ...
 
 
 @dataclass(slots=True)
@@ -215,7 +222,7 @@ class InvocationService:
     def submit(
         self,
         function_id: str,
-        payload: bytes,
+        payload: bytes | bytearray,
         content_type: str | None,
         sink: Sink,
         *,
@@ -230,7 +237,7 @@ class InvocationService:
         slot = self._slots.get(function_id)
         limit = slot.manifest.limits.max_payload if slot else DEFAULT_MAX_PAYLOAD
         try:
-            req = decode_request(payload, content_type, max_payload=limit)
+            req = decode_request(bytes(payload), content_type, max_payload=limit)
         except BadRequestError as e:
             if sink.accept(e.reply_to):
                 rid = e.id or correlation_id or ""

@@ -59,9 +59,13 @@ class TrustStore:
         if self.crl is not None:
             held, new = crl_number(self.crl), crl_number(crl)
             if new < held or (new == held and crl.last_update_utc < self.crl.last_update_utc):
-                raise TrustError(f"revocation list number {new} is older than the one held ({held})")
+                raise TrustError(
+                    f"revocation list number {new} is older than the one held ({held})"
+                )
             if new == held and frozenset(r.serial_number for r in crl) != self.revoked:
-                raise TrustError(f"revocation list number {new} differs from the one held with that number")
+                raise TrustError(
+                    f"revocation list number {new} differs from the one held with that number"
+                )
         return TrustStore.build(self.ca, crl)
 
     def verify(

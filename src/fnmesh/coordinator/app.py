@@ -152,11 +152,11 @@ def build_app(cfg: CoordinatorConfig) -> web.Application:
         prefix = f"{cfg.topic_root}/nodes/"
         mqtt.subscribe(
             prefix + "+/status",
-            lambda m: registry.on_status(m.topic[len(prefix) :].split("/")[0], m.payload),
+            lambda m: registry.on_status(m.topic[len(prefix) :].split("/")[0], bytes(m.payload)),
         )
         mqtt.subscribe(
             prefix + "+/heartbeat",
-            lambda m: registry.on_heartbeat(m.topic[len(prefix) :].split("/")[0], m.payload),
+            lambda m: registry.on_heartbeat(m.topic[len(prefix) :].split("/")[0], bytes(m.payload)),
             qos=0,
         )
         invoker = MqttInvoker(mqtt, cfg.topic_root)

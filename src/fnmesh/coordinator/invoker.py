@@ -20,11 +20,10 @@ from fnmesh.functions.messages import (
     ErrorReply,
     Response,
     decode_reply,
-    detect_encoding,
     encode_error,
     peek_envelope,
 )
-from fnmesh.functions.tensors import Encoding
+from fnmesh.functions.tensors import Encoding, detect_encoding
 
 
 class MqttInvoker:

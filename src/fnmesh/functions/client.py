@@ -227,7 +227,7 @@ class _Link:
         """Start the network thread; it connects, and reconnects whenever the link drops."""
         kw: dict[str, Any] = {}
         if self.v5:
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = self._session_expiry_s if self._persistent else 0
             kw = {"clean_start": not self._persistent, "properties": props}
         self._c.connect_async(self.host, self.port, keepalive=self._keepalive, **kw)
@@ -391,7 +391,7 @@ class _Call:
         self.last_error: ErrorReply | None = None
         props = None
         if link.v5:
-            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props = Properties(PacketTypes.PUBLISH)
             props.ContentType = encoding.content_type
             props.ResponseTopic = link.reply_topic
             props.CorrelationData = rid.encode("utf-8")

@@ -36,7 +36,7 @@ def sized_model(size_bytes: int, seed: int = 0) -> bytes:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    return model.SerializeToString()
+    return bytes(model.SerializeToString())
 
 
 def _best(fn: Callable[[], object], repeat: int) -> float:

@@ -70,7 +70,7 @@ class Device:
 
     def _on_reply(self, msg: Any) -> None:
         corr = getattr(msg.properties, "CorrelationData", None)
-        fut = self.waiting.pop(corr, None)
+        fut = self.waiting.pop(corr, None) if isinstance(corr, bytes) else None
         if fut is not None and not fut.done():
             fut.set_result(msg.payload)
 
@@ -342,9 +342,9 @@ async def _run(n: int, inflight: int, progress: Callable[[str], None]) -> dict[s
                 except subprocess.TimeoutExpired:
                     p.kill()
             broker.stop()
-    f = res.figures
-    f["invoke_vs_echo_p50"] = f["invoke_p50_ms"] / f["echo_p50_ms"]
-    f["mlp_batching_gain"] = f["mlp_rps"] / f["mlp_unbatched_rps"]
-    f["digits_vs_echo_rps"] = f["digits_rps"] / f["echo_rps"]
-    f["cold_vs_raw"] = f["cold_mlp_ms"] / f["raw_cold_mlp_ms"]
-    return f
+    fig = res.figures
+    fig["invoke_vs_echo_p50"] = fig["invoke_p50_ms"] / fig["echo_p50_ms"]
+    fig["mlp_batching_gain"] = fig["mlp_rps"] / fig["mlp_unbatched_rps"]
+    fig["digits_vs_echo_rps"] = fig["digits_rps"] / fig["echo_rps"]
+    fig["cold_vs_raw"] = fig["cold_mlp_ms"] / fig["raw_cold_mlp_ms"]
+    return fig

@@ -99,11 +99,11 @@ def build(
 @json_option
 def inspect(file: str, as_json: bool) -> None:
     """Print a bundle's manifest (not verified: see `bundle verify`)."""
-    info = fnb.inspect(fnb.Bundle.read(file))
+    b = fnb.Bundle.read(file)
     if as_json:
-        print_json(info)
+        print_json(fnb.inspect(b))
         return
-    m = fnb.Bundle.read(file).manifest
+    m = b.manifest
     print_table(
         f"{m.name}@{m.version}",
         ["field", "value"],
@@ -119,7 +119,7 @@ def inspect(file: str, as_json: bool) -> None:
             ("valid", f"{m.not_before.isoformat()} .. {m.not_after.isoformat()}"),
             ("model digest", f"{m.digests.algorithm}:{m.digests.plaintext}"),
             ("size", f"{m.digests.plaintext_size:,} bytes"),
-            ("recipients", ", ".join(sorted(info["recipients"]))),  # type: ignore[arg-type]
+            ("recipients", ", ".join(sorted(b.wrapped))),
         ],
     )
 
