@@ -405,20 +405,13 @@ class InvocationService:
                     self._threads, ex.run, inputs
                 )
                 ended = self._clock()
-        except MeshError as e:
-            log.warning("%s@%s failed: %s", m.name, m.version, e)
-            for p in live:
-                self._fail(
-                    function_id,
-                    p.meta.sink,
-                    p.meta.encoding,
-                    p.meta.id,
-                    ErrorCode.INTERNAL,
-                    f"{m.name}@{m.version} on {self.node}: {e}",
-                )
-            return
         except Exception as e:  # a bug or a runtime failure must not stop the batcher
-            log.exception("%s@%s crashed", m.name, m.version)
+            if isinstance(e, MeshError):
+                log.warning("%s@%s failed: %s", m.name, m.version, e)
+                why = str(e)
+            else:
+                log.exception("%s@%s crashed", m.name, m.version)
+                why = f"internal error ({type(e).__name__})"
             for p in live:
                 self._fail(
                     function_id,
@@ -426,7 +419,7 @@ class InvocationService:
                     p.meta.encoding,
                     p.meta.id,
                     ErrorCode.INTERNAL,
-                    f"{m.name}@{m.version} on {self.node}: internal error ({type(e).__name__})",
+                    f"{m.name}@{m.version} on {self.node}: {why}",
                 )
             return
         run_ms = (ended - started) * 1000.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fnmesh import __version__
+from fnmesh.functions.manifest import DTYPES
 
 
 def _err(desc: str) -> dict[str, Any]:
@@ -50,20 +51,7 @@ _TENSOR = {
     "properties": {
         "dtype": {
             "type": "string",
-            "enum": [
-                "float16",
-                "float32",
-                "float64",
-                "int8",
-                "int16",
-                "int32",
-                "int64",
-                "uint8",
-                "uint16",
-                "uint32",
-                "uint64",
-                "bool",
-            ],
+            "enum": list(DTYPES),
         },
         "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
         "data": {},
