@@ -68,6 +68,9 @@ class Bridge:
             *(["try_private true"] if self.protocol != "mqttv50" else []),
             "notifications false",
             "restart_timeout 1 10",
+            # Notice a cut link within seconds (the default is a minute), so a site
+            # comes back promptly when it returns.
+            "keepalive_interval 5",
             # What crosses (DESIGN.md, broker): out, the site nodes' status and
             # heartbeats and spills addressed to cloud nodes; in, assignments, the
             # revocation list and the cloud nodes' status and heartbeats; replies
