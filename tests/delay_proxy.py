@@ -40,9 +40,14 @@ class _Pipe:
     """One direction of one connection: read, stamp, queue; send when due, in order."""
 
     def __init__(
-        self, proxy: DelayProxy, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        proxy: DelayProxy,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        client: str = "",
     ) -> None:
         self._proxy = proxy
+        self._client = client
         self._reader = reader
         self._writer = writer
         self._queue: collections.deque[tuple[float, bytes]] = collections.deque()
@@ -65,7 +70,7 @@ class _Pipe:
 
     def _push(self, data: bytes) -> None:
         # max(): a delay lowered at run time must not let this chunk pass an older one.
-        due = max(time.monotonic() + self._proxy.delay, self._last_due)
+        due = max(time.monotonic() + self._proxy.delay_for(self._client), self._last_due)
         self._last_due = due
         self._queue.append((due, data))
         self._queued += len(data)
@@ -120,6 +125,8 @@ class DelayProxy:
         self.port = listen_port
         self.target = (target_host, target_port)
         self.delay = float(delay_s_each_way)
+        #: Delays for connections from one client host, overriding ``delay``.
+        self.client_delays: dict[str, float] = {}
         self.connections = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -129,11 +136,21 @@ class DelayProxy:
         self._started = threading.Event()
         self._error: BaseException | None = None
 
-    def set_delay(self, delay_s_each_way: float) -> None:
-        """Change the one-way delay; it applies to bytes that arrive from now on."""
+    def set_delay(self, delay_s_each_way: float, *, client: str | None = None) -> None:
+        """Change the one-way delay; it applies to bytes that arrive from now on.
+
+        With ``client`` (an IP address), only connections from that host get this delay.
+        """
         if delay_s_each_way < 0:
             raise ValueError("the delay cannot be negative")
-        self.delay = float(delay_s_each_way)
+        if client is None:
+            self.delay = float(delay_s_each_way)
+        else:
+            self.client_delays[client] = float(delay_s_each_way)
+
+    def delay_for(self, client: str) -> float:
+        """The one-way delay for connections from ``client``."""
+        return self.client_delays.get(client, self.delay)
 
     # -- start and stop -------------------------------------------------------------------
 
@@ -217,7 +234,10 @@ class DelayProxy:
             writers.append(t_writer)
             _nodelay(c_writer)
             _nodelay(t_writer)
-            up, down = _Pipe(self, c_reader, t_writer), _Pipe(self, t_reader, c_writer)
+            peer = c_writer.get_extra_info("peername")
+            client = str(peer[0]) if peer else ""
+            up = _Pipe(self, c_reader, t_writer, client)
+            down = _Pipe(self, t_reader, c_writer, client)
             work = asyncio.create_task(_both_ways(up, down))
             self._work.add(work)
             try:

@@ -26,7 +26,9 @@ the bridge with them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import os
 import random
@@ -34,9 +36,12 @@ import secrets
 import shutil
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from typing import Any, Literal, TypeVar
+
+T = TypeVar("T")
 
 Addressing = Literal["ipv4", "ipv4ll", "ipv6ll"]
 
@@ -287,6 +292,72 @@ class Lan:
         out = _ip("netns", "list", check=False).stdout
         present = {line.split()[0] for line in out.splitlines() if line.strip()}
         return sorted(n for n in present if n.endswith(self.suffix))
+
+
+#: clone(2) flag for setns(2): join a network namespace (allowed per thread).
+_CLONE_NEWNET = 0x40000000
+
+
+class NetnsLoop:
+    """An asyncio loop on a thread of its own that joined one of our namespaces' network.
+
+    Sockets this loop (and any thread it starts) opens live in that namespace, so the test
+    process can call a coordinator or run a delay proxy inside the LAN without a child
+    process. Only the thread's network namespace changes: files, PIDs and the rest of the
+    process stay on the host.
+    """
+
+    def __init__(self, netns: str) -> None:
+        self.netns = netns
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    def __enter__(self) -> NetnsLoop:
+        self._thread = threading.Thread(target=self._run, name=f"netns-{self.netns}", daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+        if self._error is not None:
+            raise NetnsError(f"cannot enter {self.netns}: {self._error}") from self._error
+        return self
+
+    def _run(self) -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            with open(f"/run/netns/{self.netns}", "rb") as f:
+                if libc.setns(f.fileno(), _CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+            self.loop = asyncio.new_event_loop()
+        except BaseException as e:
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.run_until_complete(self.loop.shutdown_default_executor())
+            self.loop.close()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        """Run ``coro`` on the namespace's loop and wait for its result (from any other thread)."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call(self, fn: Callable[[], T], timeout: float = 60) -> T:
+        """Call ``fn`` on the namespace's thread (e.g. to start something that opens sockets)."""
+
+        async def wrapped() -> T:
+            return fn()
+
+        return self.run(wrapped(), timeout)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.loop is not None and self._thread is not None:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
 
 
 @contextlib.contextmanager

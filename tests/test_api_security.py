@@ -863,3 +863,104 @@ def test_api_conforms_to_its_openapi_document(
         timeout=WAIT,
     )
     case.validate_response(response, checks=CHECKS)
+
+
+# -- enrolment: the one route reachable without a certificate -----------------------------------
+
+
+def _csr(name: str, *, with_enc: bool = True) -> str:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.x509.oid import NameOID
+
+    from fnmesh.certs.enrolment import build_csr
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    if with_enc:
+        csr = build_csr(name, key, X25519PrivateKey.generate().public_key())
+    else:
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"node.{name}")]))
+            .sign(key, hashes.SHA256())
+        )
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+async def test_only_enrolment_reachable_without_certificate(sec: SecMesh) -> None:
+    anonymous = Caller(sec.url, sec.home.ca_cert)
+    asked = await anonymous.call("POST", "/v1/enrol", json_body={"csr": _csr("newbox-1")})
+    assert asked.status == 202, asked
+    body = json.loads(asked.body)
+    assert body["state"] == "pending" and len(body["key_fingerprint"]) == 64
+    polled = await anonymous.call("GET", f"/v1/enrol/{body['id']}")
+    assert polled.status == 200 and json.loads(polled.body)["state"] == "pending", polled
+    assert "certificate" not in json.loads(polled.body)
+    for method, path in (
+        ("GET", "/v1/enrolments"),
+        ("POST", "/v1/enrolments/newbox-1/approve"),
+        ("GET", "/v1/nodes"),
+        ("GET", "/v1/health"),
+        ("GET", "/v1/enrol"),
+    ):
+        a = await anonymous.call(method, path)
+        assert a.status in (401, 405), (method, path, a)
+    # Listed as pending for the operator, with its key fingerprint; never placed.
+    nodes = json.loads((await sec.operator.call("GET", "/v1/nodes")).body)
+    mine = [n for n in nodes if n["name"] == "newbox-1"]
+    assert mine and mine[0]["state"] == "pending"
+    assert mine[0]["key_fingerprint"] == body["key_fingerprint"]
+
+
+async def test_enrolment_approval_needs_an_operator(sec: SecMesh) -> None:
+    anonymous = Caller(sec.url, sec.home.ca_cert)
+    asked = await anonymous.call("POST", "/v1/enrol", json_body={"csr": _csr("newbox-2")})
+    assert asked.status == 202, asked
+    device = sec.caller(sec.issue(Role.DEVICE, "enrol-dev"))
+    a = await device.call("POST", "/v1/enrolments/newbox-2/approve")
+    assert a.status == 403, a
+    ok = await sec.operator.call("POST", "/v1/enrolments/newbox-2/approve")
+    assert ok.status == 200, ok
+    got = json.loads(
+        (await anonymous.call("GET", f"/v1/enrol/{json.loads(asked.body)['id']}")).body
+    )
+    assert got["state"] == "approved" and "BEGIN CERTIFICATE" in got["certificate"]
+    assert (sec.home.root / "enrolled" / "node.newbox-2.pem").exists()
+
+
+async def test_enrolment_for_an_enrolled_name_refused(sec: SecMesh) -> None:
+    anonymous = Caller(sec.url, sec.home.ca_cert)
+    a = await anonymous.call("POST", "/v1/enrol", json_body={"csr": _csr(VICTIM)})
+    assert a.status == 409 and "already enrolled" in a.reason, a
+
+
+async def test_malformed_or_oversized_enrolment_refused(sec: SecMesh) -> None:
+    anonymous = Caller(sec.url, sec.home.ca_cert)
+    for body, status, why in (
+        ({"csr": "not a csr"}, 400, "not a PEM"),
+        ({"csr": _csr("newbox-3", with_enc=False)}, 400, "encryption key"),
+        ({"nothing": 1}, 400, "csr"),
+    ):
+        a = await anonymous.call("POST", "/v1/enrol", json_body=body)
+        assert a.status == status and why in a.reason, (body, a)
+    big = await anonymous.call(
+        "POST",
+        "/v1/enrol",
+        data=b"{" + b" " * 40_000 + b"}",
+        headers={"Content-Type": "application/json"},
+    )
+    assert big.status == 413, big
+
+
+async def test_enrolment_flood_capped(sec: SecMesh) -> None:
+    anonymous = Caller(sec.url, sec.home.ca_cert)
+    statuses = []
+    for i in range(40):
+        a = await anonymous.call("POST", "/v1/enrol", json_body={"csr": _csr(f"flood-{i}")})
+        statuses.append(a.status)
+        if a.status == 429:
+            break
+    assert statuses[-1] == 429 and set(statuses[:-1]) == {202}, statuses
+    assert len(statuses) <= 33

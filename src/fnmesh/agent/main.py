@@ -69,6 +69,19 @@ class AgentConfig:
     dedup_window_s: float = 300.0
     serve: tuple[Path, ...] = ()
     state_dir: Path | None = None
+    #: The coordinator's API URL ("" when unknown: found over mDNS with ``discover``).
+    coordinator: str = ""
+    #: Find the coordinator and broker over mDNS (``_fnmesh._tcp``) instead of configuration.
+    discover: bool = False
+    #: Where to advertise ``_fnmesh-agent._tcp`` and look for coordinators (names or
+    #: addresses); None: loopback when discovering, else no advertisement at all.
+    interfaces: tuple[str, ...] | None = None
+    discover_timeout_s: float = 60.0
+    #: Enrol (ask the coordinator for a certificate) when this node has none.
+    enrol: bool = False
+    #: The fleet CA certificate the operator copied here (pins the coordinator when enrolling).
+    ca_file: Path | None = None
+    enrol_poll_s: float = 1.0
 
     @property
     def state(self) -> Path:
@@ -368,17 +381,151 @@ class Agent:
         self._stopped.set()
 
 
+def _ca_path(cfg: AgentConfig) -> Path:
+    home = Home(cfg.home)
+    if cfg.ca_file is not None:
+        return cfg.ca_file
+    if home.ca_cert.exists():
+        return home.ca_cert
+    raise IdentityError(
+        f"no fleet CA certificate in {home.root}: pass --ca FILE (the CA certificate is the "
+        "one file an operator copies to a new machine)"
+    )
+
+
+def _hardware_brief(hw: Hardware) -> dict[str, Any]:
+    return {
+        "cores": hw.cores_logical,
+        "memory_mib": hw.memory_usable_mib,
+        "arch": hw.arch,
+        "gpus": [g.name for g in hw.gpus],
+        "summary": hw.summary(),
+    }
+
+
 async def async_run(cfg: AgentConfig) -> None:
-    """Run an agent until SIGINT or SIGTERM."""
-    agent = Agent(cfg)
+    """Run an agent until SIGINT or SIGTERM: discover, enrol, join, as configured."""
+    from dataclasses import replace
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await agent.async_start()
+    advertiser: Any = None
+    agent: Agent | None = None
     try:
+        home = Home(cfg.home)
+        cn = f"{Role.NODE.value}.{cfg.name}"
+        has_identity = (home.identity_dir(cn) / "cert.pem").exists()
+        needs_ca = cfg.discover or cfg.enrol or not has_identity
+        ca_path = _ca_path(cfg) if needs_ca else home.ca_cert
+        if cfg.ca_file is not None and not home.ca_cert.exists():
+            from fnmesh.certs.home import write_atomic
+
+            write_atomic(home.ca_cert, cfg.ca_file.read_bytes())
+        from fnmesh.certs.identity import fingerprint, load_cert
+
+        ca_fp = fingerprint(load_cert(ca_path))
+        interfaces = cfg.interfaces
+        if interfaces is None and cfg.discover:
+            interfaces = ("127.0.0.1",)
+        if cfg.discover:
+            from fnmesh.agent.advertise import find_coordinator
+
+            found = await _until_stopped(
+                stop, find_coordinator(ca_fp, cfg.discover_timeout_s, interfaces)
+            )
+            if found is None:
+                return
+            log.info("found coordinator %s, broker %s over mDNS", found.api_url, found.broker_url)
+            cfg = replace(
+                cfg,
+                coordinator=cfg.coordinator or found.api_url,
+                broker=cfg.broker or found.broker_url,
+            )
+        hardware = probe()
+        if not has_identity:
+            if not cfg.coordinator:
+                raise IdentityError(
+                    f"{cn} has no certificate and no coordinator is known to enrol with "
+                    "(--discover or --coordinator URL)"
+                )
+            from fnmesh.agent.enrol import Enroller
+
+            enroller = Enroller(home, cfg.name, ca_path, cfg.state)
+            if interfaces is not None:
+                advertiser = await _advertise(
+                    cfg, interfaces, hardware, enroller.key_fingerprint, ca_fp, "pending", 9
+                )
+            got = await _until_stopped(
+                stop,
+                enroller.async_enrol(
+                    cfg.coordinator,
+                    _hardware_brief(hardware),
+                    cfg.labels,
+                    poll_s=cfg.enrol_poll_s,
+                ),
+            )
+            if got is None:
+                return
+        agent = Agent(cfg, hardware=hardware)
+        if cfg.coordinator and agent.assignments.coordinator_url is None:
+            agent.assignments.coordinator_url = cfg.coordinator
+        await agent.async_start()
+        if interfaces is not None:
+            fp = agent.identity.info.fingerprint
+            if advertiser is None:
+                advertiser = await _advertise(
+                    cfg, interfaces, hardware, fp, ca_fp, "ready", agent.http_port
+                )
+            else:
+                advertiser.port = agent.http_port
+                await advertiser.async_update(fp=fp, api=str(agent.http_port), state="ready")
+            adv = advertiser
+
+            async def reannounce() -> None:
+                # What this node announced while its link was down was lost: say it again.
+                with contextlib.suppress(Exception):
+                    await adv.async_update()
+
+            agent.mqtt.add_connect_hook(reannounce)
         await stop.wait()
     finally:
-        await agent.async_stop()
+        if agent is not None:
+            await agent.async_stop()
+        if advertiser is not None:
+            await advertiser.async_stop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+async def _until_stopped(stop: asyncio.Event, coro: Any) -> Any:
+    """``await coro``, unless ``stop`` is set first (then None, the coroutine cancelled)."""
+    task = asyncio.ensure_future(coro)
+    waiter = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        waiter.cancel()
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    return None
+
+
+async def _advertise(
+    cfg: AgentConfig,
+    interfaces: tuple[str, ...],
+    hardware: Hardware,
+    fp: str,
+    ca_fp: str,
+    state: str,
+    port: int,
+) -> Any:
+    from fnmesh.agent.advertise import AgentAdvertiser, agent_txt
+
+    gpu = ", ".join(g.name for g in hardware.gpus) or "none"
+    txt = agent_txt(cfg.name, cfg.labels, gpu, fp, ca_fp, port, state)
+    adv = AgentAdvertiser(cfg.name, port, txt, list(interfaces))
+    await adv.async_start()
+    return adv

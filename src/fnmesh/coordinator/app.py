@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -26,11 +27,14 @@ from fnmesh.certs.identity import Role
 from fnmesh.certs.tls import client_context, server_context
 from fnmesh.certs.trust import TrustStore
 from fnmesh.coordinator.api.auth import TRUST_KEY, identity_middleware
+from fnmesh.coordinator.api.enrol_routes import routes as enrol_routes
 from fnmesh.coordinator.api.policy_routes import routes as policy_routes
 from fnmesh.coordinator.api.routes import routes
 from fnmesh.coordinator.api.state import CTX, Context
 from fnmesh.coordinator.audit import AuditLog
 from fnmesh.coordinator.broker_control import BrokerControl
+from fnmesh.coordinator.discovery import AgentBrowser, CoordinatorAdvertiser, DiscoveredNode
+from fnmesh.coordinator.enrolment import EnrolmentQueue
 from fnmesh.coordinator.grants import Grants
 from fnmesh.coordinator.invoker import MqttInvoker
 from fnmesh.coordinator.metrics import CoordinatorMetrics
@@ -60,6 +64,13 @@ class CoordinatorConfig:
     #: File with the PID of the Mosquitto to reload after an ACL or CRL change.
     broker_pid_file: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Advertise ``_fnmesh._tcp`` and browse for agents on these interfaces (names or
+    #: addresses); None: no mDNS at all. ``("127.0.0.1",)`` keeps it on loopback.
+    discover_interfaces: tuple[str, ...] | None = None
+    #: The broker URL agents are told over mDNS (default: ``broker``).
+    advertise_broker: str | None = None
+    #: Requests from certificate-less nodes kept pending at once (0: no enrolment endpoint).
+    max_pending_enrolments: int = 32
 
     @property
     def state(self) -> Path:
@@ -91,6 +102,7 @@ def build_app(cfg: CoordinatorConfig) -> web.Application:
     app[TRUST_KEY] = trust
     app.router.add_routes(routes)
     app.router.add_routes(policy_routes)
+    app.router.add_routes(enrol_routes)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         cfg.state.mkdir(parents=True, exist_ok=True)
@@ -129,6 +141,15 @@ def build_app(cfg: CoordinatorConfig) -> web.Application:
             )
             pending.add(t)
             t.add_done_callback(pending.discard)
+            browser = app[CTX].browser if CTX in app else None
+            # The certificate it showed over mutual TLS outranks anything heard on the LAN.
+            if (
+                browser is not None
+                and new.fingerprint
+                and new.cn == f"node.{name}"
+                and browser.fingerprint_of(name) != new.fingerprint
+            ):
+                browser.trust(name, new.fingerprint)
             if reconciler_ref:
                 reconciler_ref[0].kick()
 
@@ -197,6 +218,9 @@ def build_app(cfg: CoordinatorConfig) -> web.Application:
             broker=broker,
             home=home,
             crl_publisher=crl,
+            enrolments=EnrolmentQueue(home, cfg.max_pending_enrolments)
+            if cfg.max_pending_enrolments > 0
+            else None,
         )
         await mqtt.async_start()
         await broker.async_refresh()
@@ -216,7 +240,60 @@ def build_app(cfg: CoordinatorConfig) -> web.Application:
             await store.close()
 
     app.cleanup_ctx.append(resources)
+    if cfg.discover_interfaces is not None:
+        app.cleanup_ctx.append(lambda app: _lan_discovery(app, cfg, home))
     return app
+
+
+async def _lan_discovery(
+    app: web.Application, cfg: CoordinatorConfig, home: Home
+) -> AsyncIterator[None]:
+    """Advertise ``_fnmesh._tcp`` and browse ``_fnmesh-agent._tcp`` on the configured interfaces."""
+    from fnmesh.agent.advertise import new_zeroconf
+    from fnmesh.certs.identity import fingerprint as cert_fingerprint
+    from fnmesh.certs.identity import load_cert
+
+    c = app[CTX]
+    interfaces = list(cfg.discover_interfaces or ())
+    ca_fp = cert_fingerprint(load_cert(home.ca_cert))
+
+    def on_change(node: DiscoveredNode) -> None:
+        approved = c.enrolments.by_node(node.name) if c.enrolments is not None else None
+        if (
+            not node.untrusted
+            and approved is not None
+            and approved.state == "approved"
+            and node.fingerprint == approved.claim.key_fingerprint
+        ):
+            return  # its pending record, until it re-announces with its new certificate
+        c.registry.on_lan_record(
+            node.name,
+            node.service,
+            node.fingerprint,
+            labels=node.labels,
+            untrusted_reason=node.untrusted_reason,
+        )
+        c.reconciler.kick()
+
+    zc = new_zeroconf(interfaces)
+    browser = AgentBrowser(ca_fp, interfaces, on_change, zc=zc)
+    for view in c.registry.snapshot().values():
+        if view.fingerprint:
+            browser.trust(view.name, view.fingerprint)
+    advertiser = CoordinatorAdvertiser(
+        cfg.url, cfg.advertise_broker or cfg.broker, ca_fp, interfaces, zc=zc
+    )
+    c.browser = browser
+    await browser.async_start()
+    await advertiser.async_start()
+    log.info("mDNS: advertising %s and browsing agents on %s", cfg.url, interfaces)
+    try:
+        yield
+    finally:
+        c.browser = None
+        await advertiser.async_stop()
+        await browser.async_stop()
+        await zc.async_close()
 
 
 async def async_run(cfg: CoordinatorConfig, ready: asyncio.Event | None = None) -> None:
@@ -226,9 +303,12 @@ async def async_run(cfg: CoordinatorConfig, ready: asyncio.Event | None = None) 
     app = build_app(cfg)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
     await runner.setup()
-    site = web.TCPSite(
-        runner, cfg.host, cfg.port, ssl_context=server_context(identity, home.ca_cert, home.crl)
-    )
+    tls = server_context(identity, home.ca_cert, home.crl)
+    if cfg.max_pending_enrolments > 0:
+        # A node with no certificate yet may reach POST /v1/enrol; every other route still
+        # requires one (the identity middleware), and a certificate presented is verified.
+        tls.verify_mode = ssl.CERT_OPTIONAL
+    site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=tls)
     await site.start()
     log.info("coordinator listening on %s", cfg.url)
     stop = asyncio.Event()

@@ -200,6 +200,8 @@ class AgentBrowser:
         #: node name -> fingerprint and back: the first consistent claim, or what trust() said.
         self._fp_of: dict[str, str] = {}
         self._name_of: dict[str, str] = {}
+        #: node name -> the key fingerprint it advertised while pending, before its approval.
+        self._enrolled_keys: dict[str, str] = {}
         self._sweep: tuple[float, set[str], asyncio.Event] | None = None
         #: Services heard from other fleets (ignored), and malformed ones.
         self.other_fleets: set[str] = set()
@@ -257,13 +259,17 @@ class AgentBrowser:
         """The certificate fingerprint node ``name`` is bound to (trusted or first seen)."""
         return self._fp_of.get(name)
 
-    def trust(self, name: str, fingerprint: str) -> None:
+    def trust(self, name: str, fingerprint: str, *, key_fingerprint: str | None = None) -> None:
         """Bind ``name`` to ``fingerprint`` (an enrolled node's certificate), before or after it is seen.
 
         A binding given here wins over one learned from the LAN: records already held that
-        contradict it are flagged.
+        contradict it are flagged. ``key_fingerprint`` is the key an approved enrolment was
+        pending under: the node's own ``pending`` record, still advertising it until the
+        node re-announces, is not a contradiction.
         """
         check_fingerprint("certificate fingerprint", fingerprint)
+        if key_fingerprint is not None:
+            self._enrolled_keys[name] = check_fingerprint("key fingerprint", key_fingerprint)
         old_fp = self._fp_of.get(name)
         if old_fp is not None and old_fp != fingerprint:
             self._name_of.pop(old_fp, None)
@@ -435,7 +441,11 @@ class AgentBrowser:
     def _contradiction(self, key: str, node: str, fingerprint: str) -> str | None:
         """Why a claim of (node, fingerprint) by service ``key`` contradicts what is known."""
         bound_fp = self._fp_of.get(node)
-        if bound_fp is not None and bound_fp != fingerprint:
+        if (
+            bound_fp is not None
+            and bound_fp != fingerprint
+            and self._enrolled_keys.get(node) != fingerprint
+        ):
             return (
                 f"node {node!r} is known with certificate {bound_fp[:16]}…; "
                 f"this record claims {fingerprint[:16]}…"

@@ -41,6 +41,12 @@ class NodeView:
     offline_since: float | None = None
     #: The node's measured round trip to the broker (ms), from its heartbeats.
     rtt_ms: float | None = None
+    #: Its round trip to the coordinator's API (ms), from its heartbeats.
+    rtt_coordinator_ms: float | None = None
+    #: The certificate fingerprint its mDNS record advertises ("" when not seen on the LAN).
+    advertised_fingerprint: str = ""
+    #: Why this view must not be given work (state ``untrusted``).
+    untrusted_reason: str | None = None
 
     @property
     def live(self) -> bool:
@@ -65,6 +71,9 @@ class Registry:
         self._nodes: dict[str, NodeView] = {}
         self._on_change = on_change
         self._clock = clock
+        #: LAN records (mDNS) that contradict what is known, by DNS-SD service name; never
+        #: in :meth:`snapshot`, so placement cannot see them.
+        self.untrusted: dict[str, NodeView] = {}
 
     def snapshot(self) -> dict[str, NodeView]:
         return dict(self._nodes)
@@ -127,7 +136,9 @@ class Registry:
         try:
             body = json.loads(payload)
             load = body.get("functions", {}) if isinstance(body, dict) else {}
-            rtt = body.get("rtt_ms", {}).get("broker") if isinstance(body, dict) else None
+            rtts = body.get("rtt_ms", {}) if isinstance(body, dict) else {}
+            rtt = rtts.get("broker")
+            rtt_c = rtts.get("coordinator")
         except (ValueError, AttributeError):
             return
         new = replace(
@@ -135,6 +146,9 @@ class Registry:
             last_heartbeat=now,
             load=load if isinstance(load, dict) else {},
             rtt_ms=float(rtt) if isinstance(rtt, int | float) and rtt >= 0 else old.rtt_ms,
+            rtt_coordinator_ms=float(rtt_c)
+            if isinstance(rtt_c, int | float) and rtt_c >= 0
+            else old.rtt_coordinator_ms,
         )
         if old.state == "offline" and old.last_status < now and old.cn:
             # Heartbeats resumed after a missed-heartbeat verdict: the node is back.
@@ -155,6 +169,48 @@ class Registry:
                 self._set(name, replace(v, state="offline"))
                 gone.append(name)
         return gone
+
+    def on_lan_record(
+        self,
+        name: str,
+        service: str,
+        fingerprint: str,
+        *,
+        labels: dict[str, str],
+        untrusted_reason: str | None,
+    ) -> None:
+        """What the LAN (mDNS) says about node ``name``; a contradicting record is kept apart.
+
+        A record is untrusted when discovery flagged it, or when it advertises a fingerprint
+        other than the one the node's own certificate showed over mutual TLS.
+        """
+        view = self._nodes.get(name)
+        if (
+            untrusted_reason is None
+            and view is not None
+            and view.fingerprint
+            and view.fingerprint != fingerprint
+        ):
+            untrusted_reason = (
+                f"advertises certificate {fingerprint[:16]}…; node {name!r} showed "
+                f"{view.fingerprint[:16]}… over mutual TLS"
+            )
+        if untrusted_reason is not None:
+            if service not in self.untrusted:
+                log.warning(
+                    "untrusted LAN record %s for node %s: %s", service, name, untrusted_reason
+                )
+            self.untrusted[service] = NodeView(
+                name=name,
+                state="untrusted",
+                labels=labels,
+                fingerprint=fingerprint,
+                untrusted_reason=untrusted_reason,
+            )
+            return
+        self.untrusted.pop(service, None)
+        if view is not None and view.advertised_fingerprint != fingerprint:
+            self._set(name, replace(view, advertised_fingerprint=fingerprint))
 
     def set_draining(self, name: str, draining: bool) -> None:
         v = self._nodes.get(name)

@@ -25,7 +25,13 @@ class CrlPublisher:
     """Watches the CRL file and publishes each new version, retained."""
 
     def __init__(
-        self, crl_path: Path, mqtt: MqttClient, root: str, *, period_s: float = 0.25, hooks: list[Hook] | None = None
+        self,
+        crl_path: Path,
+        mqtt: MqttClient,
+        root: str,
+        *,
+        period_s: float = 0.25,
+        hooks: list[Hook] | None = None,
     ) -> None:
         self.crl_path = crl_path
         self.mqtt = mqtt

@@ -19,8 +19,13 @@ ENGINE = Engine()
 
 
 def trusted(view: NodeView) -> bool:
-    """A node is used only once it has talked to us with its own certificate's name."""
-    return bool(view.cn) and view.cn == f"node.{view.name}" and view.state != "untrusted"
+    """A node is used only once it has talked to us with its own certificate's name, and what
+    it advertises on the LAN (if anything) names that same certificate."""
+    if view.state == "untrusted" or view.untrusted_reason is not None:
+        return False
+    if view.advertised_fingerprint and view.advertised_fingerprint != view.fingerprint:
+        return False
+    return bool(view.cn) and view.cn == f"node.{view.name}"
 
 
 def snapshot(nodes: Mapping[str, NodeView]) -> Snapshot:

@@ -155,8 +155,11 @@ def start(
     *,
     agents: int = 3,
     broker: str | None = None,
+    mdns_interfaces: tuple[str, ...] = ("127.0.0.1",),
     progress: Callable[[str], None] = print,
 ) -> Mesh:
+    """Start broker, coordinator, router and agents; the coordinator advertises itself over
+    mDNS on ``mdns_interfaces`` only (loopback unless told otherwise)."""
     layout = agent_layout(agents)
     prepare_home(home, layout)
     logs = home.root / "logs"
@@ -183,6 +186,8 @@ def start(
             pid_file.write_text(str(mesh.broker.proc.pid))
             coordinator_args = ["--acl-file", str(acl), "--broker-pid-file", str(pid_file)]
         home.save_config(cfg.override(broker=mesh.broker_url, coordinator=mesh.api_url))
+        for iface in mdns_interfaces:
+            coordinator_args += ["--discover-interfaces", iface]
         env = {**os.environ, "FNMESH_HOME": str(home.root), "PYTHONUNBUFFERED": "1"}
         progress(f"starting the coordinator on {mesh.api_url}")
         mesh.procs.append(
@@ -406,8 +411,11 @@ def run_up(
     as_json: bool,
     progress: Callable[[str], None],
     show: Callable[[str], None],
+    mdns_interfaces: tuple[str, ...] = ("127.0.0.1",),
 ) -> int:
-    mesh = start(home, agents=agents, broker=broker, progress=progress)
+    mesh = start(
+        home, agents=agents, broker=broker, mdns_interfaces=mdns_interfaces, progress=progress
+    )
     try:
         functions = deploy_examples(mesh, progress)
         if as_json:

@@ -40,8 +40,24 @@ def peer_certificate(request: web.Request) -> x509.Certificate | None:
     return x509.load_der_x509_certificate(der) if der else None
 
 
+#: The only routes reachable without a client certificate: a new node asking to enrol and
+#: polling its request (they only queue a request and read it back; see enrol_routes.py).
+CERTLESS_ROUTES = frozenset({("POST", "/v1/enrol"), ("GET", "/v1/enrol/{request_id}")})
+
+
+def certless(request: web.Request) -> bool:
+    """Whether ``request`` targets one of :data:`CERTLESS_ROUTES` (by route, not by raw path)."""
+    route = request.match_info.route
+    resource = route.resource
+    if resource is None:
+        return False
+    return (route.method, resource.canonical) in CERTLESS_ROUTES
+
+
 @web.middleware
 async def identity_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if certless(request):
+        return await handler(request)
     cert = peer_certificate(request)
     if cert is None:
         return problem(401, "unauthenticated", "a client certificate from the fleet CA is required")

@@ -283,9 +283,91 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
+        "/v1/enrol": {
+            "post": {
+                "summary": "A node with no certificate asks to enrol (no client certificate "
+                "needed; the request is only queued as pending)",
+                "security": [],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["csr"],
+                                "properties": {
+                                    "csr": {
+                                        "type": "string",
+                                        "description": "PEM CSR, CN node.NAME, SAN "
+                                        "urn:fnmesh:x25519:HEX",
+                                    },
+                                    "hardware": {"type": "object"},
+                                    "labels": {
+                                        "type": "object",
+                                        "additionalProperties": {"type": "string"},
+                                    },
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "202": _json({"type": "object"}, "Queued as pending"),
+                    "400": _err("Malformed request or CSR"),
+                    "404": _err("Enrolment is turned off"),
+                    "409": _err("The name is already enrolled or pending with another key"),
+                    "413": _err("Request too large"),
+                    "429": _err("Too many pending requests"),
+                },
+            }
+        },
+        "/v1/enrol/{request_id}": {
+            "get": {
+                "summary": "Poll an enrolment request (no client certificate needed): pending, "
+                "or approved with the signed certificate",
+                "security": [],
+                "parameters": [
+                    {
+                        "name": "request_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "responses": {
+                    "200": _json({"type": "object"}),
+                    "404": _err("No such request"),
+                },
+            }
+        },
+        "/v1/enrolments": {
+            "get": {
+                "summary": "Pending enrolment requests with hardware summary and key fingerprint",
+                "responses": {
+                    "200": _json({"type": "array", "items": {"type": "object"}}),
+                    **_AUTH,
+                },
+            }
+        },
+        "/v1/enrolments/{node}/approve": {
+            "post": {
+                "summary": "Approve a pending node: the fleet CA signs it (operator)",
+                "parameters": [
+                    {"name": "node", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {
+                    "200": _json({"type": "object"}),
+                    **_AUTH,
+                    **_FORBIDDEN,
+                    "404": _err("No pending request for this node"),
+                    "409": _err("The request cannot be signed"),
+                },
+            }
+        },
         "/v1/nodes": {
             "get": {
-                "summary": "Nodes with state, labels, hardware, load",
+                "summary": "Nodes with state, labels, hardware, load, RTT: joined ones, ones "
+                "seen on the LAN (discovered), pending enrolments and untrusted LAN records",
                 "responses": {
                     "200": _json({"type": "array", "items": {"type": "object"}}),
                     **_AUTH,

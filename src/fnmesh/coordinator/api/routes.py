@@ -310,10 +310,13 @@ async def undeploy(request: web.Request) -> web.Response:
 
 @routes.get("/v1/nodes")
 async def list_nodes(request: web.Request) -> web.Response:
+    """Every node: joined ones (registry), LAN-discovered ones not joined yet, pending
+    enrolments, and LAN records flagged ``untrusted``."""
     c = ctx(request)
     now = time.time()
-    out = []
-    for v in sorted(c.registry.snapshot().values(), key=lambda v: v.name):
+    out: list[dict[str, Any]] = []
+    views = c.registry.snapshot()
+    for v in sorted(views.values(), key=lambda v: v.name):
         out.append(
             {
                 "name": v.name,
@@ -326,7 +329,77 @@ async def list_nodes(request: web.Request) -> web.Response:
                 "fingerprint": v.fingerprint,
                 "http": v.http,
                 "rtt_ms": v.rtt_ms,
+                "rtt_coordinator_ms": v.rtt_coordinator_ms,
                 "last_heartbeat_s": round(now - v.last_heartbeat, 3) if v.last_heartbeat else None,
+                "source": "mqtt",
+            }
+        )
+    listed = set(views)
+    if c.enrolments is not None:
+        for e in c.enrolments.pending():
+            if e.name in listed:
+                continue
+            listed.add(e.name)
+            out.append(
+                {
+                    "name": e.name,
+                    "cn": e.claim.cn,
+                    "state": "pending",
+                    "labels": dict(e.labels),
+                    "hardware": dict(e.hardware),
+                    "functions": {},
+                    "load": {},
+                    "fingerprint": "",
+                    "key_fingerprint": e.claim.key_fingerprint,
+                    "http": None,
+                    "rtt_ms": None,
+                    "rtt_coordinator_ms": None,
+                    "last_heartbeat_s": None,
+                    "source": "enrolment",
+                    "enrolment": e.id,
+                }
+            )
+    if c.browser is not None:
+        for d in c.browser.nodes():
+            if d.untrusted or d.name in listed:
+                continue
+            listed.add(d.name)
+            out.append(
+                {
+                    "name": d.name,
+                    "cn": "",
+                    "state": d.state,
+                    "labels": d.labels,
+                    "hardware": {"summary": d.txt.get("gpu", "")},
+                    "functions": {},
+                    "load": {},
+                    "fingerprint": d.fingerprint,
+                    "http": None,
+                    "rtt_ms": None,
+                    "rtt_coordinator_ms": None,
+                    "last_heartbeat_s": None,
+                    "source": "mdns",
+                    "addresses": list(d.addresses),
+                }
+            )
+    for service, v in sorted(c.registry.untrusted.items()):
+        out.append(
+            {
+                "name": v.name,
+                "cn": "",
+                "state": "untrusted",
+                "labels": v.labels,
+                "hardware": {},
+                "functions": {},
+                "load": {},
+                "fingerprint": v.fingerprint,
+                "http": None,
+                "rtt_ms": None,
+                "rtt_coordinator_ms": None,
+                "last_heartbeat_s": None,
+                "source": "mdns",
+                "service": service,
+                "untrusted_reason": v.untrusted_reason,
             }
         )
     return web.json_response(out)
@@ -505,7 +578,8 @@ async def audit_entries(request: web.Request) -> web.Response:
     c = ctx(request)
     try:
         limit = min(1000, max(1, int(request.query.get("limit", "100"))))
-        since = max(0, int(request.query.get("since", "0")))
+        # Clamped to SQLite's integer range: a larger one would overflow the query (500).
+        since = min((1 << 63) - 1, max(0, int(request.query.get("since", "0"))))
     except ValueError:
         return problem(400, "bad_request", "limit and since must be integers")
     entries = await c.audit.entries(limit=limit, since=since)

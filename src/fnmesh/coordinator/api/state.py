@@ -13,6 +13,8 @@ from fnmesh.certs.identity import Identity
 from fnmesh.certs.trust import TrustStore
 from fnmesh.coordinator.audit import AuditLog
 from fnmesh.coordinator.broker_control import BrokerControl
+from fnmesh.coordinator.discovery import AgentBrowser
+from fnmesh.coordinator.enrolment import EnrolmentQueue
 from fnmesh.coordinator.grants import Grants
 from fnmesh.coordinator.invoker import MqttInvoker
 from fnmesh.coordinator.metrics import CoordinatorMetrics
@@ -40,6 +42,10 @@ class Context:
     crl_publisher: CrlPublisher
     max_payload: int = 16 << 20
     invoke_timeout: float = 10.0
+    #: Requests of nodes with no certificate yet (``POST /v1/enrol``).
+    enrolments: EnrolmentQueue | None = None
+    #: Agents seen on the LAN (mDNS), when the coordinator browses for them.
+    browser: AgentBrowser | None = None
 
 
 CTX: web.AppKey[Context] = web.AppKey("ctx", Context)

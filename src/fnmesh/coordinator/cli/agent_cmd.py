@@ -55,6 +55,32 @@ from fnmesh.coordinator.cli.common import (
 )
 @click.option("--threads", type=int, default=0, help="Executor threads (default: cores).")
 @click.option(
+    "--discover",
+    is_flag=True,
+    help="Find the coordinator and broker over mDNS (automatic when fnmesh.toml names no broker).",
+)
+@click.option(
+    "--interfaces",
+    "interfaces",
+    multiple=True,
+    help="Interface name or address for mDNS (repeatable; default: loopback only).",
+)
+@click.option(
+    "--coordinator", default=None, help="Coordinator API URL (default: fnmesh.toml or mDNS)."
+)
+@click.option(
+    "--enrol",
+    is_flag=True,
+    help="Ask the coordinator for a certificate (automatic when this node has none).",
+)
+@click.option(
+    "--ca",
+    "ca_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="The fleet CA certificate (required to enrol: it pins the coordinator).",
+)
+@click.option(
     "--probe",
     "do_probe",
     is_flag=True,
@@ -73,6 +99,11 @@ def agent(
     max_queue: int,
     heartbeat: float,
     threads: int,
+    discover: bool,
+    interfaces: tuple[str, ...],
+    coordinator: str | None,
+    enrol: bool,
+    ca_file: str | None,
     do_probe: bool,
     verbose: int,
 ) -> None:
@@ -89,11 +120,22 @@ def agent(
     cfg_file = h.load_config()
     if not name:
         raise click.UsageError("--name is required")
+    configured = _configured(h.config_path)
+    if not broker and "broker" not in configured:
+        discover = True  # nothing says where the mesh is: look for it on the LAN
+    if enrol and not ca_file and not h.ca_cert.exists():
+        raise click.UsageError("--enrol needs --ca FILE (the fleet CA certificate)")
     host, _, port = http.rpartition(":")
     cfg = AgentConfig(
         home=h.root,
         name=name,
-        broker=broker or cfg_file.broker,
+        broker=broker or ("" if discover else cfg_file.broker),
+        coordinator=coordinator
+        or (cfg_file.coordinator if "coordinator" in configured and not discover else ""),
+        discover=discover,
+        interfaces=tuple(interfaces) or None,
+        enrol=enrol,
+        ca_file=Path(ca_file) if ca_file else None,
         topic_root=cfg_file.topic_root,
         labels=parse_labels(labels),
         http_host=host or "127.0.0.1",
@@ -106,3 +148,13 @@ def agent(
         serve=tuple(Path(p) for p in serve),
     )
     asyncio.run(async_run(cfg))
+
+
+def _configured(path: Path) -> set[str]:
+    """The settings fnmesh.toml names (not the defaults filled in for missing ones)."""
+    import tomllib
+
+    try:
+        return set(tomllib.loads(path.read_text()))
+    except (OSError, tomllib.TOMLDecodeError):
+        return set()

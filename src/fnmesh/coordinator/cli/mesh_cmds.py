@@ -76,6 +76,25 @@ def make_client(home: str | None, coordinator: str | None, as_: str | None) -> C
     default=None,
     help="File with the PID of the Mosquitto to reload after ACL or CRL changes.",
 )
+@click.option(
+    "--discover-interfaces",
+    "discover_interfaces",
+    multiple=True,
+    help="Advertise over mDNS and list LAN agents on this interface or address (repeatable; "
+    "'lo' or 127.0.0.1 for loopback only). Default: no mDNS.",
+)
+@click.option(
+    "--advertise-broker",
+    default=None,
+    help="Broker URL told to agents over mDNS (default: --broker).",
+)
+@click.option(
+    "--max-pending",
+    type=int,
+    default=32,
+    show_default=True,
+    help="Enrolment requests kept pending at once (0 turns POST /v1/enrol off).",
+)
 @verbose_option
 def coordinator(
     home: str | None,
@@ -86,6 +105,9 @@ def coordinator(
     heartbeat: float,
     acl_file: str | None,
     broker_pid_file: str | None,
+    discover_interfaces: tuple[str, ...],
+    advertise_broker: str | None,
+    max_pending: int,
     verbose: int,
 ) -> None:
     """Run the coordinator: REST API, registry, reconciler."""
@@ -112,6 +134,9 @@ def coordinator(
         heartbeat_s=heartbeat,
         acl_path=Path(acl_file) if acl_file else None,
         broker_pid_file=Path(broker_pid_file) if broker_pid_file else None,
+        discover_interfaces=tuple(discover_interfaces) or None,
+        advertise_broker=advertise_broker,
+        max_pending_enrolments=max_pending,
     )
     asyncio.run(async_run(cfg))
 
@@ -267,7 +292,11 @@ def nodes(
     as_json: bool,
     watch: bool,
 ) -> None:
-    """Nodes: state, labels, hardware, functions, load, RTT (subcommands: drain)."""
+    """Nodes: state, labels, hardware, functions, load, RTT (subcommands: drain, approve).
+
+    Lists joined nodes, nodes seen on the LAN (mDNS) that have not joined, nodes waiting for
+    approval (``pending``, with their key fingerprint) and LAN records flagged ``untrusted``.
+    """
     ctx.obj = (home, coordinator, as_)
     if ctx.invoked_subcommand is not None:
         return
@@ -285,16 +314,25 @@ def nodes(
             )
             hw = n["hardware"]
             rtt = n.get("rtt_ms")
+            rtt_c = n.get("rtt_coordinator_ms")
+            hardware = (
+                f"{hw.get('cores', '?')} cores, {len(hw.get('gpus') or [])} gpu"
+                if "cores" in hw
+                else hw.get("summary") or "-"
+            )
+            key = n.get("key_fingerprint") or n.get("fingerprint") or ""
             rows.append(
                 (
                     n["name"],
                     n["state"],
                     ",".join(f"{k}={v}" for k, v in sorted(n["labels"].items())),
-                    f"{hw.get('cores', '?')} cores, {len(hw.get('gpus') or [])} gpu",
+                    hardware,
                     ", ".join(f"{k}@{v}" for k, v in sorted(n["functions"].items())) or "-",
                     load,
                     n["last_heartbeat_s"] if n["last_heartbeat_s"] is not None else "-",
                     f"{rtt:.2f}" if rtt is not None else "-",
+                    f"{rtt_c:.2f}" if rtt_c is not None else "-",
+                    key[:16] or "-",
                 )
             )
         print_table(
@@ -307,7 +345,9 @@ def nodes(
                 "functions",
                 "load",
                 "heartbeat age (s)",
-                "RTT (ms)",
+                "RTT broker (ms)",
+                "RTT coordinator (ms)",
+                "key",
             ],
             rows,
         )
@@ -485,3 +525,20 @@ def drain(ctx: click.Context, node: str, undo: bool, as_json: bool) -> None:
         print_json(out)
     else:
         console.print(f"{node} is {'draining' if not undo else 'back in service'}")
+
+
+@nodes.command("approve", cls=MeshCommand)
+@click.argument("node")
+@json_option
+@click.pass_context
+def approve(ctx: click.Context, node: str, as_json: bool) -> None:
+    """Sign NODE's pending enrolment with the fleet CA so it joins (operator).
+
+    Compare the key fingerprint ``fnmesh nodes`` shows with the one the new machine logged.
+    """
+    home, coordinator, as_ = ctx.obj
+    out = make_client(home, coordinator, as_).call("POST", f"/v1/enrolments/{node}/approve")
+    if as_json:
+        print_json(out)
+    else:
+        console.print(f"{node} approved: certificate {out.get('fingerprint', '?')[:16]}…")

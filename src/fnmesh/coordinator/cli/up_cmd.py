@@ -19,7 +19,20 @@ from fnmesh.coordinator.cli.common import MeshCommand, console, err_console, get
 @click.option("--broker", default=None, help="Use this broker instead of starting one.")
 @click.option("--demo", is_flag=True, help="Invoke every example, show the results, and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print one ready line as JSON.")
-def up(home: str | None, agents: int, broker: str | None, demo: bool, as_json: bool) -> None:
+@click.option(
+    "--mdns-interfaces",
+    "mdns_interfaces",
+    multiple=True,
+    help="Advertise the coordinator over mDNS here (repeatable; default: loopback only).",
+)
+def up(
+    home: str | None,
+    agents: int,
+    broker: str | None,
+    demo: bool,
+    as_json: bool,
+    mdns_interfaces: tuple[str, ...],
+) -> None:
     """Start a TLS-secured mesh on this machine with the example functions deployed."""
     from fnmesh.coordinator.up import run_up
 
@@ -40,6 +53,7 @@ def up(home: str | None, agents: int, broker: str | None, demo: bool, as_json: b
             broker=broker,
             demo=demo,
             as_json=as_json,
+            mdns_interfaces=mdns_interfaces or ("127.0.0.1",),
             progress=progress,
             show=show,
         )
