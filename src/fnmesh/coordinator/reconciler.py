@@ -2,7 +2,8 @@
 
 Each pass: for every deployment, keep the replicas that still fit and are
 live, add replicas on other eligible nodes until the live count reaches the
-target, and keep an offline node's placement until ``offline_timeout_s``
+target (the autoscaler's, from the load in heartbeats, within the deployment's
+min and max: the max until demand was measured; see :mod:`.autoscale`), and keep an offline node's placement until ``offline_timeout_s``
 (a site that was only cut off comes back to what it had, with nothing
 redeployed needlessly). Then every node whose desired set changed gets a new
 retained assignment with the data keys wrapped for it alone.
@@ -30,6 +31,7 @@ from fnmesh.certs.home import Home
 from fnmesh.certs.identity import Identity, Role, load_cert
 from fnmesh.certs.trust import TrustStore
 from fnmesh.coordinator import scheduling
+from fnmesh.coordinator.autoscale import Autoscaler
 from fnmesh.coordinator.registry import NodeView, Registry
 from fnmesh.coordinator.store import BlobStore, Store
 from fnmesh.functions.bundle import Bundle
@@ -60,6 +62,7 @@ class Reconciler:
         coordinator_url: str,
         offline_timeout_s: float = 300.0,
         clock: Callable[[], float] = time.time,
+        autoscaler: Autoscaler | None = None,
     ) -> None:
         self.store = store
         self.blobs = blobs
@@ -72,6 +75,8 @@ class Reconciler:
         self.coordinator_url = coordinator_url
         self.offline_timeout_s = offline_timeout_s
         self._clock = clock
+        #: Replica targets from the load heartbeats report (same clock as the registry's).
+        self.autoscaler = autoscaler or Autoscaler(clock=clock)
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._data_keys: dict[str, bytes] = {}
@@ -101,8 +106,11 @@ class Reconciler:
 
     async def _run(self, tick_s: float) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that
+            # arrives as the kick is set, and async_stop() then waits for this task forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), tick_s)
+                async with asyncio.timeout(tick_s):
+                    await self._kick.wait()
             self._kick.clear()
             if self.registry.sweep():
                 self._kick.clear()
@@ -122,6 +130,7 @@ class Reconciler:
             now = self._clock()
             policies = await scheduling.load_policies(self.store)
             snap = scheduling.snapshot(nodes)
+            self.autoscaler.observe({n: (v.last_heartbeat, v.load) for n, v in nodes.items()})
             for d in await self.store.list_deployments():
                 manifest = await self._manifest(d.function, d.version)
                 eff = scheduling.effective(policies, d.function, manifest)
@@ -154,18 +163,43 @@ class Reconciler:
         timeout, so a site that was only cut off comes back to what it had.
         """
         live_current = [p.node for p in current if p.node in nodes and nodes[p.node].live]
+        target = self.autoscaler.target(
+            d.function,
+            current=len(live_current),
+            lo=d.min_replicas,
+            hi=d.max_replicas,
+            service_ms=_service_ms(nodes, d.function),
+            spill=bool(self.rules.get(d.function, {}).get("allow_spill")),
+        )
         decision = scheduling.ENGINE.place(
             scheduling.request(
                 d.function,
                 manifest,
                 eff,
-                replicas=d.max_replicas,
+                replicas=target.replicas,
                 where=d.where or {},
                 current=live_current,
             ),
             snap,
         )
         chosen = list(decision.nodes)
+        in_cloud = [n for n in chosen if nodes[n].labels.get("tier") == "cloud"]
+        if target.cloud > len(in_cloud) and len(chosen) < d.max_replicas:
+            # Spilled work needs cloud replicas: as many as the spill rate asks, within max.
+            cloud = scheduling.ENGINE.place(
+                scheduling.request(
+                    d.function,
+                    manifest,
+                    eff,
+                    replicas=target.cloud,
+                    where={**(d.where or {}), "tier": "cloud"},
+                    current=[n for n in live_current if nodes[n].labels.get("tier") == "cloud"],
+                ),
+                snap,
+            )
+            for n in cloud.nodes:
+                if n not in chosen and len(chosen) < d.max_replicas:
+                    chosen.append(n)
         if len(chosen) < d.min_replicas:
             log.warning(
                 "%s@%s: %d of at least %d replicas placed: %s",
@@ -281,3 +315,15 @@ class Reconciler:
         bundle = Bundle.parse(self.blobs.get(digest))
         cn = f"{Role.NODE.value}.{node}"
         return bundle.only_for(self.data_key(digest), cn, self.node_key(node)).to_bytes()
+
+
+def _service_ms(nodes: dict[str, NodeView], function: str) -> dict[str, float]:
+    """Per node, the run time of one request of ``function`` its heartbeat reports (ms)."""
+    out = {}
+    for name, v in nodes.items():
+        figures = v.load.get(function)
+        if isinstance(figures, dict):
+            ms = figures.get("row_ms") or figures.get("batch_ms")
+            if isinstance(ms, int | float) and ms > 0:
+                out[name] = float(ms)
+    return out

@@ -369,7 +369,11 @@ class ReplicaTable:
             pair = candidates if len(candidates) <= 8 else rng.sample(candidates, 2)
             entry = min(
                 pair,
-                key=lambda e: (self.estimate_ms(e, function), e.reported + e.forwards, rng.random()),
+                key=lambda e: (
+                    self.estimate_ms(e, function),
+                    e.reported + e.forwards,
+                    rng.random(),
+                ),
             )
             return Choice(self._replica(entry, function))
         if full:

@@ -6,7 +6,9 @@ request to exactly one of them. Every router reads every node's retained
 status and assignment and its heartbeats into a :class:`ReplicaTable`.
 
 For each request: the function is the topic's tail (never the payload); the
-least loaded live replica gets the payload byte for byte at
+live edge replica expected to answer first (a cloud one when no edge replica
+has room, or when the edge would break the function's latency objective)
+gets the payload byte for byte at
 ``{root}/nodes/{node}/invoke/{ns}/{name}``, with the same QoS and the device's
 MQTT 5 properties (the message expiry less the time spent here). When no
 replica can take it, the router answers the device itself (``not_found`` or
@@ -53,6 +55,7 @@ from fnmesh.certs.trust import TrustStore
 from fnmesh.coordinator.replicas import (
     DEFAULT_QUEUE_LIMIT,
     ControlMessageError,
+    NodeEntry,
     ReplicaTable,
 )
 from fnmesh.functions.errors import MessageError
@@ -432,16 +435,20 @@ def relay_properties(props: Properties | None, elapsed: float) -> tuple[Properti
         value = getattr(props, name, None)
         if value is not None:
             if out is None:
-                out = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                out = Properties(PacketTypes.PUBLISH)
             setattr(out, name, value)
     expiry = getattr(props, "MessageExpiryInterval", None)
     if expiry is not None:
         if elapsed >= expiry:
             return None, True
         if out is None:
-            out = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            out = Properties(PacketTypes.PUBLISH)
         out.MessageExpiryInterval = expiry - int(elapsed)
     return out, False
+
+
+def _not_cloud(entry: NodeEntry) -> str | None:
+    return "a cloud node" if entry.labels.get("tier") == "cloud" else None
 
 
 class Router:
@@ -627,7 +634,9 @@ class Router:
             fid = msg.topic[len(self._spill_prefix) :]
             ns, sep, name = fid.partition("/")
             if not (sep and ns and name and "/" not in name):
-                self._answer(msg, ErrorCode.NOT_FOUND, f"topic {msg.topic[:200]!r} names no function")
+                self._answer(
+                    msg, ErrorCode.NOT_FOUND, f"topic {msg.topic[:200]!r} names no function"
+                )
                 return
             choice = self.table.choose_spill(fid, now, self.rng)
             if choice.replica is None:
@@ -666,7 +675,11 @@ class Router:
         if fid is None:
             self._answer(msg, ErrorCode.NOT_FOUND, f"topic {topic[:200]!r} names no function")
             return
-        choice = self.table.choose(fid, now, self.rng)
+        # Edge replicas first (close to the data, already paid for); cloud ones take what the
+        # edge cannot (below), or everything when no edge replica is live with room.
+        choice = self.table.choose(fid, now, self.rng, accept=_not_cloud)
+        if choice.replica is None:
+            choice = self.table.choose(fid, now, self.rng)
         replica = choice.replica
         if replica is None:
             assert choice.code is not None

@@ -169,3 +169,7 @@ _add_soak_and_fuzz(bench)
 from fnmesh.coordinator.cli import bench_placement  # noqa: E402
 
 bench_placement.add_to(bench)
+
+from fnmesh.coordinator.cli import bench_overload  # noqa: E402
+
+bench_overload.add_to(bench)
