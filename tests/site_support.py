@@ -484,6 +484,8 @@ class OfflineSite:
             home,
             "--name",
             "site",
+            "--site",
+            "site",
             "--broker",
             self.site_broker,
             "--heartbeat",

@@ -211,3 +211,33 @@ async def test_spill_forbidden_answers_saturated(fleet: Fleet, broker: Broker) -
         assert any(not isinstance(r, Response) and r.code == ErrorCode.SATURATED for r in replies)
         assert not any(isinstance(r, Response) and r.timing.spilled for r in replies)
         assert edge.metrics.spills.labels(FID)._value.get() == 0
+
+
+async def test_site_router_reaches_cloud_replicas_through_their_spill_inbox(
+    fleet: Fleet, broker: Broker
+) -> None:
+    """Behind a site broker only spill inboxes cross to the cloud: a site's router uses them."""
+    root = new_root()
+    mlp = build_bundle(fleet, "mlp", nodes=("cloud-eu",), regions=("eu-west",))
+    await publish_assignments(
+        fleet,
+        broker,
+        root,
+        {"cloud-eu": assign_body("cloud-eu", mlp, allow_spill=True, regions=["eu-west"])},
+    )
+    async with (
+        running_agent(
+            fleet,
+            broker,
+            root,
+            [mlp],
+            node="cloud-eu",
+            labels={"tier": "cloud", "region": "eu-west", "site": "cloud"},
+        ),
+        running_router(fleet, broker, root, site="lyon") as router,
+        Device(fleet, broker, root) as dev,
+    ):
+        await wait_live(router, FID, ["cloud-eu"])
+        replies = [r.body for r in await flood(dev, 4)]
+        assert all(isinstance(r, Response) and r.timing.spilled for r in replies), replies
+        assert router.metrics.render().count(b"fnmesh_router_spilled_total") >= 1

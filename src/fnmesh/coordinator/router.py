@@ -414,6 +414,9 @@ class RouterConfig:
     share_group: str = SHARE_GROUP
     #: Seed for the tie-breaking random choice (tests); None: from the OS.
     seed: int | None = None
+    #: The site this router serves, behind a site broker bridged to the cloud; None: the
+    #: cloud's (or a single broker's) router, which reaches every node directly.
+    site: str | None = None
 
 
 def relay_properties(props: Properties | None, elapsed: float) -> tuple[Properties | None, bool]:
@@ -675,11 +678,22 @@ class Router:
         if fid is None:
             self._answer(msg, ErrorCode.NOT_FOUND, f"topic {topic[:200]!r} names no function")
             return
-        # Edge replicas first (close to the data, already paid for); cloud ones take what the
-        # edge cannot (below), or everything when no edge replica is live with room.
-        choice = self.table.choose(fid, now, self.rng, accept=_not_cloud)
-        if choice.replica is None:
-            choice = self.table.choose(fid, now, self.rng)
+        inbox = "invoke"
+        if self.cfg.site is not None:
+            # A site's router reaches only its own site's nodes directly; cloud replicas
+            # are reached through their spill inbox, the one node topic the bridge carries.
+            choice = self.table.choose(fid, now, self.rng, accept=self._at_this_site)
+            if choice.replica is None:
+                spill = self.table.choose_spill(fid, now, self.rng)
+                if spill.replica is not None:
+                    choice, inbox = spill, "spill"
+                    self.metrics.spilled(fid)
+        else:
+            # Edge replicas first (close to the data, already paid for); cloud ones take
+            # what the edge cannot (below), or everything when no edge replica has room.
+            choice = self.table.choose(fid, now, self.rng, accept=_not_cloud)
+            if choice.replica is None:
+                choice = self.table.choose(fid, now, self.rng)
         replica = choice.replica
         if replica is None:
             assert choice.code is not None
@@ -689,9 +703,8 @@ class Router:
         if expired:
             self._answer(msg, ErrorCode.TIMEOUT, "the request expired before it was routed")
             return
-        inbox = "invoke"
         objective = self.table.objective(fid)
-        if objective is not None and replica.labels.get("tier") != "cloud":
+        if objective is not None and inbox == "invoke" and replica.labels.get("tier") != "cloud":
             edge_ms = self.table.estimate_ms(self.table.nodes[replica.node], fid)
             if edge_ms > objective:
                 # The edge would break the objective: an allowed cloud replica, if faster.
@@ -710,6 +723,10 @@ class Router:
         )
         self.table.note_forward(replica.node)
         self.metrics.forwarded(fid, replica.node)
+
+    def _at_this_site(self, entry: NodeEntry) -> str | None:
+        site = entry.labels.get("site")
+        return None if site == self.cfg.site else f"at site {site!r}, not {self.cfg.site!r}"
 
     def _on_undelivered(self, msg: mqtt.MQTTMessage, topic: str, rc: ReasonCode) -> None:
         """A forward went nowhere (no node session subscribed) or was refused: answer it."""

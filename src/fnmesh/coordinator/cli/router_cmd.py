@@ -46,6 +46,12 @@ def default_name(identity: str) -> str:
     help="Nodes' heartbeat period (s), for nodes whose status does not state it; "
     "a node silent for 3 periods gets no requests.",
 )
+@click.option(
+    "--site",
+    default=None,
+    help="This router serves SITE behind a site broker: it reaches cloud replicas only "
+    "through their spill inbox, the node topic the bridge carries.",
+)
 @verbose_option
 def router(
     home: str | None,
@@ -53,6 +59,7 @@ def router(
     name: str | None,
     metrics: str | None,
     heartbeat: float,
+    site: str | None,
     verbose: int,
 ) -> None:
     """Run a router: take requests from the shared subscription, forward each to a replica."""
@@ -70,5 +77,6 @@ def router(
         topic_root=cfg_file.topic_root,
         heartbeat_s=heartbeat,
         metrics=parse_host_port(metrics) if metrics else None,
+        site=site,
     )
     asyncio.run(async_run(cfg))
