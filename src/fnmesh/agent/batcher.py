@@ -107,8 +107,11 @@ class Batcher:
             if remaining <= 0:
                 return
             self._more.clear()
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+            # cancellation that arrives as the event is set, and a stop would hang.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._more.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._more.wait()
 
     async def async_drain(self, timeout: float) -> bool:
         """Wait until every queued request has run; False if ``timeout`` passed first."""

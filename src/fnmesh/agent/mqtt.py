@@ -331,7 +331,8 @@ class MqttClient:
         delay = 0.05
         while not self._closing:
             try:
-                await asyncio.wait_for(self._async_connect_once(), 10)
+                async with asyncio.timeout(10):
+                    await self._async_connect_once()
                 self.reconnects += 1
                 log.info("reconnected to broker", extra={"client": self.client_id})
                 return
