@@ -964,3 +964,62 @@ async def test_enrolment_flood_capped(sec: SecMesh) -> None:
             break
     assert statuses[-1] == 429 and set(statuses[:-1]) == {202}, statuses
     assert len(statuses) <= 33
+
+
+# -- tokens for browsers and scripts ------------------------------------------------------------
+
+
+async def test_token_stands_for_its_certificate_and_nothing_more(sec: SecMesh) -> None:
+    op = Caller.of(sec.url, sec.home, "operator.admin")
+    minted = await op.call("POST", "/v1/tokens", json_body={"ttl_s": 60})
+    assert minted.status == 201, minted
+    token = minted.json["token"]
+    bearer = Caller(sec.url, sec.home.ca_cert, name="browser")
+    ok = await bearer.call("GET", "/v1/deployments", headers={"Authorization": f"Bearer {token}"})
+    assert ok.status == 200, ok
+    # A token cannot mint a longer-lived one for itself.
+    again = await bearer.call(
+        "POST", "/v1/tokens", json_body={"ttl_s": 60}, headers={"Authorization": f"Bearer {token}"}
+    )
+    assert again.status == 403, again
+
+
+async def test_device_token_cannot_deploy(sec: SecMesh) -> None:
+    dev = Caller.of(sec.url, sec.home, "device.demo")
+    token = (await dev.call("POST", "/v1/tokens", json_body={"ttl_s": 60})).json["token"]
+    bearer = Caller(sec.url, sec.home.ca_cert, name="device-token")
+    r = await bearer.call(
+        "POST",
+        "/v1/deployments",
+        json_body={"function": "examples/digits", "version": "1.0.0"},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert r.status == 403 and "device" in r.reason, r
+
+
+@pytest.mark.parametrize("mangle", ["tampered", "garbage", "expired"])
+async def test_forged_or_stale_token_refused(sec: SecMesh, mangle: str) -> None:
+    op = Caller.of(sec.url, sec.home, "operator.admin")
+    ttl = 0.05 if mangle == "expired" else 60
+    token = (await op.call("POST", "/v1/tokens", json_body={"ttl_s": ttl})).json["token"]
+    if mangle == "tampered":
+        body, sig = token.split(".")
+        token = body[:-2] + ("A" if body[-2] != "A" else "B") + body[-1] + "." + sig
+    elif mangle == "garbage":
+        token = "not-a-token"
+    else:
+        end = time.monotonic() + 5
+        while (
+            time.monotonic() < end
+            and (
+                await Caller(sec.url, sec.home.ca_cert).call(
+                    "GET", "/v1/deployments", headers={"Authorization": f"Bearer {token}"}
+                )
+            ).status
+            == 200
+        ):
+            await asyncio.sleep(0.05)
+    r = await Caller(sec.url, sec.home.ca_cert).call(
+        "GET", "/v1/deployments", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert r.status == 401, r

@@ -26,7 +26,8 @@ from fnmesh.certs.home import DEFAULT_TOPIC_ROOT, Home
 from fnmesh.certs.identity import Role
 from fnmesh.certs.tls import client_context, server_context
 from fnmesh.certs.trust import TrustStore
-from fnmesh.coordinator.api.auth import TRUST_KEY, identity_middleware
+from fnmesh.coordinator import tokens
+from fnmesh.coordinator.api.auth import TOKEN_KEY, TRUST_KEY, identity_middleware
 from fnmesh.coordinator.api.enrol_routes import routes as enrol_routes
 from fnmesh.coordinator.api.policy_routes import routes as policy_routes
 from fnmesh.coordinator.api.routes import routes
@@ -100,6 +101,7 @@ def build_app(cfg: CoordinatorConfig) -> web.Application:
 
     app = web.Application(middlewares=[identity_middleware], client_max_size=4 << 30)
     app[TRUST_KEY] = trust
+    app[TOKEN_KEY] = lambda text: tokens.verify(text, identity, trust())
     app.router.add_routes(routes)
     app.router.add_routes(policy_routes)
     app.router.add_routes(enrol_routes)

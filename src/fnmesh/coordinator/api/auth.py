@@ -21,6 +21,8 @@ from fnmesh.certs.trust import CLIENT_AUTH, TrustStore
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PEER = "fnmesh.peer"
+#: Turns a bearer token into the identity it stands for (raises TrustError).
+TOKEN_KEY: web.AppKey[Callable[[str], CertInfo]] = web.AppKey("token", Callable[[str], CertInfo])  # type: ignore[arg-type]
 TRUST_KEY: web.AppKey[Callable[[], TrustStore]] = web.AppKey("trust", Callable[[], TrustStore])  # type: ignore[arg-type]
 
 
@@ -60,7 +62,18 @@ async def identity_middleware(request: web.Request, handler: Handler) -> web.Str
         return await handler(request)
     cert = peer_certificate(request)
     if cert is None:
-        return problem(401, "unauthenticated", "a client certificate from the fleet CA is required")
+        auth = request.headers.get("Authorization", "")
+        if auth.startswith("Bearer "):
+            try:
+                request[PEER] = request.app[TOKEN_KEY](auth[7:].strip())
+            except TrustError as e:
+                return problem(401, "unauthenticated", str(e))
+            return await handler(request)
+        return problem(
+            401,
+            "unauthenticated",
+            "a client certificate from the fleet CA (or a token from `fnmesh token`) is required",
+        )
     try:
         info = request.app[TRUST_KEY]().verify(cert, purpose=CLIENT_AUTH)
     except TrustError as e:

@@ -364,6 +364,45 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
+        "/v1/tokens": {
+            "post": {
+                "summary": "A short-lived token for the caller's own identity (fnmesh token)",
+                "requestBody": {
+                    "required": False,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "ttl_s": {
+                                        "type": "number",
+                                        "exclusiveMinimum": 0,
+                                        "maximum": 43200,
+                                    }
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "201": _json(
+                        {
+                            "type": "object",
+                            "required": ["token", "expires", "cn"],
+                            "properties": {
+                                "token": {"type": "string"},
+                                "expires": {"type": "number"},
+                                "cn": {"type": "string"},
+                            },
+                        },
+                        "Minted",
+                    ),
+                    "400": _err("Malformed request or lifetime out of range"),
+                    **_AUTH,
+                    "403": _err("Tokens are minted with a client certificate, not with a token"),
+                },
+            }
+        },
         "/v1/nodes": {
             "get": {
                 "summary": "Nodes with state, labels, hardware, load, RTT: joined ones, ones "

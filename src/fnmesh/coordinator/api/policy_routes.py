@@ -7,7 +7,7 @@ import contextlib
 from aiohttp import web
 
 from fnmesh.certs.identity import Role
-from fnmesh.coordinator import scheduling
+from fnmesh.coordinator import scheduling, tokens
 from fnmesh.coordinator.api.auth import peer, problem, require
 from fnmesh.coordinator.api.routes import json_body
 from fnmesh.coordinator.api.state import CTX
@@ -119,3 +119,20 @@ async def drain(request: web.Request) -> web.Response:
     await c.audit.append("drain" if draining else "undrain", peer(request).cn, {"node": node})
     c.reconciler.kick()
     return web.json_response({"node": node, "draining": draining})
+
+
+@routes.post("/v1/tokens")
+async def token(request: web.Request) -> web.Response:
+    """A short-lived token standing for the caller's own certificate (for browsers, scripts)."""
+    c = request.app[CTX]
+    who = peer(request)
+    if not who.fingerprint:
+        return problem(403, "forbidden", "a token is minted with a client certificate, not a token")
+    try:
+        body = await json_body(request) if request.can_read_body else {}
+        ttl = float(body.get("ttl_s", tokens.DEFAULT_TTL_S)) if isinstance(body, dict) else -1.0
+        text, expires = tokens.mint(c.identity, who, ttl)
+    except (ValueError, TypeError, MeshError) as e:
+        return problem(400, "bad_request", str(e))
+    await c.audit.append("token", who.cn, {"expires": expires})
+    return web.json_response({"token": text, "expires": expires, "cn": who.cn}, status=201)

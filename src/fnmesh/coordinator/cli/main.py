@@ -24,7 +24,7 @@ from fnmesh.coordinator.cli.mesh_cmds import (
 )
 from fnmesh.coordinator.cli.policy_cmd import policy
 from fnmesh.coordinator.cli.router_cmd import router
-from fnmesh.coordinator.cli.security_cmds import audit, grant
+from fnmesh.coordinator.cli.security_cmds import audit, grant, token
 from fnmesh.coordinator.cli.up_cmd import up
 
 
@@ -46,6 +46,7 @@ for _cmd in (
     router,
     grant,
     audit,
+    token,
     rollback,
     push,
     deploy,

@@ -107,3 +107,20 @@ def audit_verify(ctx: click.Context, as_json: bool) -> None:
         raise MeshError(f"audit log fails at entry {out['first_bad_seq']}: {out['reason']}")
     if not as_json:
         console.print(f"audit log intact ({out['checked']} entries)")
+
+
+@click.command("token", cls=MeshCommand)
+@click.option(
+    "--ttl", "ttl", default=900.0, show_default=True, type=float, help="Lifetime in seconds."
+)
+@client_options
+@json_option
+def token(
+    ttl: float, home: str | None, coordinator: str | None, as_: str | None, as_json: bool
+) -> None:
+    """Mint a short-lived API token for your identity (send it as `Authorization: Bearer ...`)."""
+    out = make_client(home, coordinator, as_).call("POST", "/v1/tokens", json_body={"ttl_s": ttl})
+    if as_json:
+        print_json(out)
+    else:
+        click.echo(out["token"])
