@@ -157,6 +157,7 @@ def start(
     broker: str | None = None,
     mdns_interfaces: tuple[str, ...] = ("127.0.0.1",),
     progress: Callable[[str], None] = print,
+    acl: bool = True,
 ) -> Mesh:
     """Start broker, coordinator, router and agents; the coordinator advertises itself over
     mDNS on ``mdns_interfaces`` only (loopback unless told otherwise)."""
@@ -173,18 +174,27 @@ def start(
             port = free_port()
             bdir = home.root / "broker"
             bdir.mkdir(exist_ok=True)
-            acl = bdir / "acl"
+            acl_path = bdir / "acl"
             # Role-based ACL from the start; the coordinator regenerates it on grants
-            # and revocations and signals the broker to reload it.
-            write_acl(acl, acl_for_home(home, {}, cfg.topic_root))
-            conf = write_config(settings_for_home(home, bdir, tls_port=port, acl_file=acl), bdir)
-            progress(f"starting Mosquitto on 127.0.0.1:{port} (mutual TLS, role-based ACL)")
+            # and revocations and signals the broker to reload it. (Only benchmarks that
+            # need a bare echo baseline on the same broker turn it off.)
+            write_acl(acl_path, acl_for_home(home, {}, cfg.topic_root))
+            conf = write_config(
+                settings_for_home(home, bdir, tls_port=port, acl_file=acl_path if acl else None),
+                bdir,
+            )
+            progress(
+                f"starting Mosquitto on 127.0.0.1:{port} (mutual TLS"
+                + (", role-based ACL)" if acl else ", no ACL)")
+            )
             mesh.broker = Mosquitto(conf, port, log=logs / "mosquitto.log").start()
             mesh.broker_url = f"mqtts://127.0.0.1:{port}"
             pid_file = bdir / "mosquitto.pid"
             assert mesh.broker.proc is not None
             pid_file.write_text(str(mesh.broker.proc.pid))
-            coordinator_args = ["--acl-file", str(acl), "--broker-pid-file", str(pid_file)]
+            coordinator_args = ["--broker-pid-file", str(pid_file)]
+            if acl:
+                coordinator_args += ["--acl-file", str(acl_path)]
         home.save_config(cfg.override(broker=mesh.broker_url, coordinator=mesh.api_url))
         for iface in mdns_interfaces:
             coordinator_args += ["--discover-interfaces", iface]

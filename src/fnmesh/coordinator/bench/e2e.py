@@ -83,7 +83,9 @@ def run(
     f: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         home = Home(Path(tmp) / "home")
-        mesh = start(home, agents=1, progress=progress)
+        # No ACL: the bare echo baseline needs topics no role may use; the mesh and its
+        # baseline then run on the same broker configuration (mutual TLS either way).
+        mesh = start(home, agents=1, progress=progress, acl=False)
         echo: subprocess.Popen[bytes] | None = None
         try:
             os.environ.pop("FNMESH_HOME", None)
