@@ -154,7 +154,6 @@ class ProcessMesh:
             self._spawn(child)
 
     def _start_with_up(self) -> None:
-        from fnmesh.coordinator.client import Client
         from fnmesh.coordinator.up import deploy_examples, start
 
         if set(self.examples) != set(EXAMPLE_NAMES):
@@ -178,9 +177,9 @@ class ProcessMesh:
             "coordinator", [], self.logs / "coordinator.log", dict(up.procs)["coordinator"]
         )
         deploy_examples(up, self.progress)
-        for node in Client(self.home, self.home.load_config()).call("GET", "/v1/nodes"):
-            if node["name"] in self.nodes:
-                self.serves[node["name"]] = set(node["functions"])
+        # With a coordinator, placement (node loss, autoscaling) decides what each node
+        # serves from one moment to the next: readiness is a fresh "ready", not a fixed set.
+        self.serves = {}
 
     def _bundles(self, nodes: list[str]) -> list[Path]:
         pub = load_identity(self.home.identity_dir("publisher.examples"))
