@@ -441,3 +441,18 @@ async def test_heartbeat_reports_rtt_and_utilisation(fleet: Fleet, broker: Broke
         )
         assert 0 < beat["rtt_ms"]["broker"] < 1000
         assert "cpu_percent" in beat["utilisation"]
+
+
+async def test_restarting_node_says_saturated_until_its_assignment_is_back(
+    fleet: Fleet, broker: Broker
+) -> None:
+    """Requests a persistent session delivers before the assignment is applied are retryable."""
+    root = new_root()
+    async with running_agent(fleet, broker, root) as agent, Device(fleet, broker, root) as dev:
+        inputs = build_example("digits").sample_inputs(1)
+        assert agent.service.starting
+        err = (await dev.call("digits", inputs)).error()
+        assert err.code == ErrorCode.SATURATED and "starting" in err.message
+        agent.service.starting = False
+        err = (await dev.call("digits", inputs)).error()
+        assert err.code == ErrorCode.NOT_FOUND

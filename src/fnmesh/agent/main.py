@@ -245,6 +245,14 @@ class Agent:
             "utilisation": utilisation(),
         }
 
+    async def _async_end_start_grace(self, grace_s: float = 10.0) -> None:
+        """Unknown functions are "not found" once the first assignment is applied, or after
+        ``grace_s`` for a node that is given none."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace_s):
+                await self.assignments.applied.wait()
+        self.service.starting = False
+
     def _spawn(self, coro: Any) -> None:
         t = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(t)
@@ -294,6 +302,8 @@ class Agent:
         bundle = await loop.run_in_executor(None, lambda: self.cache.put(data, pinned=pinned))
         self.cache.check_version(bundle.manifest, allow_rollback=False)
         await self.async_switch(bundle, prewarm=prewarm)
+        # A node given its functions directly is configured: no start-up grace.
+        self.service.starting = False
         if self.mqtt.connected:
             await self.presence.async_publish_status()
         return bundle
@@ -348,6 +358,7 @@ class Agent:
                 continue
             self._local.add(b.manifest.name)
         self.assignments.start()
+        self._spawn(self._async_end_start_grace())
         self.mqtt.subscribe(
             f"{self.cfg.topic_root}/nodes/{self.cfg.name}/assign",
             lambda msg: self.assignments.on_message(bytes(msg.payload)),

@@ -142,6 +142,9 @@ class InvocationService:
         self._staged: dict[PoolKey, Slot] = {}
         self._threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fnmesh-run")
         self._accepting = True
+        #: Until the node's first assignment is applied (or a grace period ends), an
+        #: unknown function is "not loaded yet" (saturated), not "not found".
+        self.starting = True
 
     # -- what is served -------------------------------------------------------------
 
@@ -264,12 +267,16 @@ class InvocationService:
                 return
         enc = req.encoding
         if slot is None or not self._accepting:
-            why = (
-                f"function {function_id} is not served on node {self.node}"
-                if self._accepting
-                else f"node {self.node} is shutting down"
-            )
-            code = ErrorCode.NOT_FOUND if self._accepting else ErrorCode.SATURATED
+            if not self._accepting:
+                code, why = ErrorCode.SATURATED, f"node {self.node} is shutting down"
+            elif self.starting:
+                # A restarted node's persistent session delivers requests before its
+                # assignment is back: retryable, not "this function does not exist".
+                code = ErrorCode.SATURATED
+                why = f"node {self.node} is starting; {function_id} is not loaded yet"
+            else:
+                code = ErrorCode.NOT_FOUND
+                why = f"function {function_id} is not served on node {self.node}"
             self._fail(function_id, sink, enc, rid, code, why)
             return
         deadline = expires
