@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict
 
 from fnmesh.coordinator.placement.request import PlacementRequest, request_memory_mib
 from fnmesh.coordinator.placement.snapshot import Rows, Snapshot, SnapshotNode
-from fnmesh.coordinator.placement.status import Status
+from fnmesh.coordinator.placement.status import FITS, Status
 from fnmesh.coordinator.policies import Effective, combine, manifest_gpu
 from fnmesh.functions.manifest import GpuRequirement, Runtime
 
@@ -173,3 +173,52 @@ def union_rows(index: Mapping[str, Rows], keys: frozenset[str]) -> Rows:
         return parts[0]
     # A stable sort of sorted runs is a merge: cheap.
     return np.sort(np.concatenate(parts), kind="stable")
+
+
+class ColumnFilter(FilterPlugin):
+    """A filter keeping nodes whose value in one snapshot column lies in an allowed set.
+
+    Subclasses say which column (its vocabulary, ids and index in the snapshot),
+    where the allowed set comes from, and how a refusal reads; ``None`` allowed
+    means any value.
+    """
+
+    def __init__(self, args: NoArgs) -> None:
+        self.args = args
+
+    def allowed(self, cycle: Cycle) -> frozenset[str] | None:
+        raise NotImplementedError
+
+    def column(self, snapshot: Snapshot) -> tuple[tuple[str, ...], Any, Mapping[str, Rows]]:
+        """(vocabulary, value id per row, rows per value) of the column."""
+        raise NotImplementedError
+
+    def value(self, node: SnapshotNode) -> str | None:
+        raise NotImplementedError
+
+    def refusal(self, value: str | None, allowed: frozenset[str]) -> str:
+        raise NotImplementedError
+
+    def prepare(self, cycle: Cycle) -> None:
+        allowed = self.allowed(cycle)
+        if allowed is not None:
+            cycle.state[self.name] = vocab_mask(self.column(cycle.snapshot)[0], allowed)
+
+    def filter(self, cycle: Cycle, node: SnapshotNode) -> Status:
+        allowed = self.allowed(cycle)
+        if allowed is None or self.value(node) in allowed:
+            return FITS
+        return Status.unresolvable(self.name, self.refusal(self.value(node), allowed))
+
+    def candidates(self, cycle: Cycle) -> Rows | None:
+        allowed = self.allowed(cycle)
+        if allowed is None:
+            return None
+        return union_rows(self.column(cycle.snapshot)[2], allowed)
+
+    def keep(self, cycle: Cycle, rows: Rows) -> Mask | None:
+        if self.allowed(cycle) is None:
+            return None
+        mask: Mask = cycle.state[self.name]
+        kept: Mask = mask[self.column(cycle.snapshot)[1][rows]]
+        return kept

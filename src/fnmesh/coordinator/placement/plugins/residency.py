@@ -8,44 +8,27 @@ outside every restricted set.
 
 from __future__ import annotations
 
-from fnmesh.coordinator.placement.framework import (
-    Cycle,
-    FilterPlugin,
-    Mask,
-    NoArgs,
-    union_rows,
-    vocab_mask,
-)
-from fnmesh.coordinator.placement.snapshot import Rows, SnapshotNode
-from fnmesh.coordinator.placement.status import FITS, Status
+from collections.abc import Mapping
+from typing import Any
+
+from fnmesh.coordinator.placement.framework import ColumnFilter, Cycle
+from fnmesh.coordinator.placement.snapshot import Rows, Snapshot, SnapshotNode
 
 
-class Residency(FilterPlugin):
+class Residency(ColumnFilter):
     name = "residency"
 
-    def __init__(self, args: NoArgs) -> None:
-        self.args = args
+    def allowed(self, cycle: Cycle) -> frozenset[str] | None:
+        return cycle.regions
 
-    def prepare(self, cycle: Cycle) -> None:
-        if cycle.regions is not None:
-            cycle.state[self.name] = vocab_mask(cycle.snapshot.regions, cycle.regions)
+    def column(self, snapshot: Snapshot) -> tuple[tuple[str, ...], Any, Mapping[str, Rows]]:
+        return snapshot.regions, snapshot.region_id, snapshot.by_region
 
-    def filter(self, cycle: Cycle, node: SnapshotNode) -> Status:
-        if cycle.regions is None or node.region in cycle.regions:
-            return FITS
-        return Status.unresolvable(
-            self.name,
-            f"region {node.region or '(none)'} is outside the allowed regions "
-            f"{', '.join(sorted(cycle.regions)) or '(none)'}",
+    def value(self, node: SnapshotNode) -> str | None:
+        return node.region
+
+    def refusal(self, value: str | None, allowed: frozenset[str]) -> str:
+        return (
+            f"region {value or '(none)'} is outside the allowed regions "
+            f"{', '.join(sorted(allowed)) or '(none)'}"
         )
-
-    def candidates(self, cycle: Cycle) -> Rows | None:
-        if cycle.regions is None:
-            return None
-        return union_rows(cycle.snapshot.by_region, cycle.regions)
-
-    def keep(self, cycle: Cycle, rows: Rows) -> Mask | None:
-        if cycle.regions is None:
-            return None
-        allowed: Mask = cycle.state[self.name]
-        return allowed[cycle.snapshot.region_id[rows]]

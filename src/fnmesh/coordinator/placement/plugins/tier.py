@@ -2,43 +2,24 @@
 
 from __future__ import annotations
 
-from fnmesh.coordinator.placement.framework import (
-    Cycle,
-    FilterPlugin,
-    Mask,
-    NoArgs,
-    union_rows,
-    vocab_mask,
-)
-from fnmesh.coordinator.placement.snapshot import Rows, SnapshotNode
-from fnmesh.coordinator.placement.status import FITS, Status
+from collections.abc import Mapping
+from typing import Any
+
+from fnmesh.coordinator.placement.framework import ColumnFilter, Cycle
+from fnmesh.coordinator.placement.snapshot import Rows, Snapshot, SnapshotNode
 
 
-class Tier(FilterPlugin):
+class Tier(ColumnFilter):
     name = "tier"
 
-    def __init__(self, args: NoArgs) -> None:
-        self.args = args
+    def allowed(self, cycle: Cycle) -> frozenset[str] | None:
+        return cycle.tiers
 
-    def prepare(self, cycle: Cycle) -> None:
-        if cycle.tiers is not None:
-            cycle.state[self.name] = vocab_mask(cycle.snapshot.tiers, cycle.tiers)
+    def column(self, snapshot: Snapshot) -> tuple[tuple[str, ...], Any, Mapping[str, Rows]]:
+        return snapshot.tiers, snapshot.tier_id, snapshot.by_tier
 
-    def filter(self, cycle: Cycle, node: SnapshotNode) -> Status:
-        if cycle.tiers is None or node.tier in cycle.tiers:
-            return FITS
-        return Status.unresolvable(
-            self.name,
-            f"tier {node.tier or '(none)'} is not one of {', '.join(sorted(cycle.tiers))}",
-        )
+    def value(self, node: SnapshotNode) -> str | None:
+        return node.tier
 
-    def candidates(self, cycle: Cycle) -> Rows | None:
-        if cycle.tiers is None:
-            return None
-        return union_rows(cycle.snapshot.by_tier, cycle.tiers)
-
-    def keep(self, cycle: Cycle, rows: Rows) -> Mask | None:
-        if cycle.tiers is None:
-            return None
-        allowed: Mask = cycle.state[self.name]
-        return allowed[cycle.snapshot.tier_id[rows]]
+    def refusal(self, value: str | None, allowed: frozenset[str]) -> str:
+        return f"tier {value or '(none)'} is not one of {', '.join(sorted(allowed))}"
