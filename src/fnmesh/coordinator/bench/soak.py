@@ -119,6 +119,8 @@ class SoakReport:
             "kills": self.kills,
             "back_ready_s": [round(s, 2) for s in self.back_ready_s],
             "periods": [p.row() for p in self.periods],
+            # Why each lost request failed (the client's last error), the first 50.
+            "lost_detail": self.lost_detail[:50],
         }
 
 
@@ -326,6 +328,8 @@ def soak_command(
             f"late duplicates dropped {s['late_duplicates_dropped']}; agents back ready after "
             f"{s['back_ready_s']} s"
         )
+        for line in s["lost_detail"]:
+            print(f"lost: {line}")
     if r.lost or r.wrong:
         raise SystemExit(1)
 
