@@ -456,3 +456,20 @@ async def test_restarting_node_says_saturated_until_its_assignment_is_back(
         agent.service.starting = False
         err = (await dev.call("digits", inputs)).error()
         assert err.code == ErrorCode.NOT_FOUND
+
+
+async def test_requests_for_a_function_that_just_moved_are_retryable(
+    fleet: Fleet, broker: Broker
+) -> None:
+    """Routed here just before the function moved away: saturated (retry), not not_found."""
+    root = new_root()
+    async with (
+        running_agent(fleet, broker, root, [build_bundle(fleet, "digits")]) as agent,
+        Device(fleet, broker, root) as dev,
+    ):
+        inputs = build_example("digits").sample_inputs(1)
+        await agent.service.async_remove("examples/digits")
+        err = (await dev.call("digits", inputs)).error()
+        assert err.code == ErrorCode.SATURATED and "moved" in err.message
+        err = (await dev.call("cancer", inputs)).error()
+        assert err.code == ErrorCode.NOT_FOUND, "a function never served here stays not_found"

@@ -270,7 +270,7 @@ class Agent:
             except MeshError as e:
                 log.warning("no longer serving %s@%s: %s", fid, slot.manifest.version, e)
                 self.revoked_functions[fid] = str(e)
-                await self.service.async_remove(fid)
+                await self.service.async_remove(fid, moved=False)
         await self._async_status_if_connected()
 
     async def _async_status_if_connected(self) -> None:

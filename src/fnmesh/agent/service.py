@@ -41,6 +41,9 @@ from fnmesh.functions.messages import (
 
 log = logging.getLogger("fnmesh.agent")
 
+#: How long after a function leaves this node its requests are told to retry.
+MOVED_WINDOW_S = 120.0
+
 #: Payload limit applied before the function is known (an unknown function's request).
 DEFAULT_MAX_PAYLOAD = 1 << 20
 
@@ -145,6 +148,8 @@ class InvocationService:
         #: Until the node's first assignment is applied (or a grace period ends), an
         #: unknown function is "not loaded yet" (saturated), not "not found".
         self.starting = True
+        #: function -> when it stopped being served here (requests routed before the move).
+        self._removed: dict[str, float] = {}
 
     # -- what is served -------------------------------------------------------------
 
@@ -209,8 +214,11 @@ class InvocationService:
             asyncio.get_running_loop().create_task(self._retire(old))
         return slot
 
-    async def async_remove(self, function_id: str) -> None:
+    async def async_remove(self, function_id: str, *, moved: bool = True) -> None:
+        """Stop serving a function; ``moved`` (not revoked) makes late requests retryable."""
         slot = self._slots.pop(function_id, None)
+        if slot is not None and moved:
+            self._removed[function_id] = self._clock()
         if slot is not None:
             await self._retire(slot)
 
@@ -269,6 +277,10 @@ class InvocationService:
         if slot is None or not self._accepting:
             if not self._accepting:
                 code, why = ErrorCode.SATURATED, f"node {self.node} is shutting down"
+            elif now - self._removed.get(function_id, -1e9) < MOVED_WINDOW_S:
+                # Routed here just before the function moved away: retryable.
+                code = ErrorCode.SATURATED
+                why = f"{function_id} moved off node {self.node}; try again"
             elif self.starting:
                 # A restarted node's persistent session delivers requests before its
                 # assignment is back: retryable, not "this function does not exist".
@@ -389,8 +401,8 @@ class InvocationService:
                     p.meta.sink,
                     p.meta.encoding,
                     p.meta.id,
-                    ErrorCode.NOT_FOUND,
-                    f"function {function_id} was removed from node {self.node}",
+                    ErrorCode.SATURATED,
+                    f"function {function_id} moved off node {self.node}; try again",
                 )
             return
         m = slot.manifest
