@@ -160,3 +160,60 @@ async def test_deadline_that_cannot_be_met_is_refused(
         r = await dev.call("wide", x, id="relaxed", deadline_ms=60_000, encoding=encoding)
         assert r.ok().id == "relaxed"
         assert batches(agent, "examples/wide")[1] == 2 * big
+
+
+# -- small models run on the event loop --------------------------------------------------------
+
+
+def inline_batches(agent: Agent, function: str) -> float:
+    return metric(agent, "fnmesh_agent_inline_batches_total", function=function)
+
+
+async def test_small_model_runs_on_the_loop_once_measured(fleet: Fleet, broker: Broker) -> None:
+    """A model measured cheaper than a thread hop runs on the loop thread, with the same answers;
+    the first warm batches run on a worker, which measures it. The bound here is generous
+    (1 ms) so that a slow machine still qualifies the digits model (about 15 us)."""
+    root = new_root()
+    digits = build_example("digits")
+    x = digits.sample_inputs(24, seed=5)
+    async with (
+        running_agent(fleet, broker, root, [build_bundle(fleet, "digits")], inline_run_us=1000)
+        as agent,
+        Device(fleet, broker, root) as dev,
+    ):
+        for i in range(24):
+            r = await dev.call("digits", rows(x, i), id=f"d-{i}")
+            assert r.ok().id == f"d-{i}"
+            assert_same_outputs(r.ok().outputs, ort_run("digits", rows(x, i)), f"request {i}")
+        slot = agent.service.slots()["examples/digits"]
+        assert slot.floor_s is not None and 0 < slot.floor_s <= 1e-3
+        ran_inline = inline_batches(agent, "examples/digits")
+        count, total, _ = batches(agent, "examples/digits")
+        assert total == 24, "every request ran once"
+        assert 0 < ran_inline < count, "the first warm batch ran on a worker, later ones inline"
+
+
+@pytest.mark.parametrize("bound_us", [0.0, 0.001])
+async def test_inline_off_or_too_dear_stays_on_workers(
+    fleet: Fleet, broker: Broker, bound_us: float
+) -> None:
+    """``--inline-run-us 0`` turns the fast path off; a bound no model can meet keeps every
+    batch on a worker (the model is measured, and found dearer)."""
+    root = new_root()
+    digits = build_example("digits")
+    x = digits.sample_inputs(12, seed=6)
+    async with (
+        running_agent(fleet, broker, root, [build_bundle(fleet, "digits")], inline_run_us=bound_us)
+        as agent,
+        Device(fleet, broker, root) as dev,
+    ):
+        for i in range(12):
+            r = await dev.call("digits", rows(x, i))
+            assert_same_outputs(r.ok().outputs, ort_run("digits", rows(x, i)), f"request {i}")
+        assert inline_batches(agent, "examples/digits") == 0
+        assert batches(agent, "examples/digits")[1] == 12
+        slot = agent.service.slots()["examples/digits"]
+        if bound_us == 0:
+            assert slot.floor_s is None, "nothing is measured when the fast path is off"
+        else:
+            assert slot.floor_s is not None and slot.floor_s > bound_us / 1e6

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,8 @@ class AgentConfig:
     max_queue: int = 1024
     threads: int = 0
     intra_op_threads: int = 1
+    #: Batches measured to need at most this much CPU run on the loop thread (0: never).
+    inline_run_us: float = 30.0
     heartbeat_s: float = 2.0
     keepalive_s: int = 5
     cache_budget_mb: int = 2048
@@ -133,6 +136,7 @@ class Agent:
             max_queue=cfg.max_queue,
             dedup=ReplyCache(ttl_s=cfg.dedup_window_s) if cfg.dedup_window_s > 0 else None,
             spill_allowed=lambda fid: self.assignments.allow_spill.get(fid, False),
+            inline_run_s=cfg.inline_run_us / 1e6,
         )
         self.mqtt = MqttClient(
             cfg.broker,
@@ -154,6 +158,7 @@ class Agent:
             probe_coordinator=self._async_probe_coordinator,
         )
         self._http_client: Any = None
+        self._probe_ctx: tuple[Identity, ssl.SSLContext] | None = None
         self._local: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.revoked_functions: dict[str, str] = {}
@@ -214,7 +219,11 @@ class Agent:
             self._http_client = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=max(1.0, 2 * self.cfg.heartbeat_s))
             )
-        ctx = client_context(self.identity, self.home.ca_cert)
+        # One context for the agent's identity: a new one per probe would also defeat the
+        # kept-alive connection (aiohttp pools connections per SSL context).
+        if self._probe_ctx is None or self._probe_ctx[0] is not self.identity:
+            self._probe_ctx = (self.identity, client_context(self.identity, self.home.ca_cert))
+        ctx = self._probe_ctx[1]
         t0 = time.perf_counter()
         try:
             async with self._http_client.get(f"{url.rstrip('/')}/v1/health", ssl=ctx) as r:

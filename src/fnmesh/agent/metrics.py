@@ -44,6 +44,12 @@ class AgentMetrics:
             ["function"],
             registry=self.registry,
         )
+        self.inline_batches = Counter(
+            "fnmesh_agent_inline_batches",
+            "Batches run on the event loop thread (measured cheaper than a thread hop).",
+            ["function"],
+            registry=self.registry,
+        )
         self.duplicates = Counter(
             "fnmesh_agent_duplicates",
             "Retried requests answered from their first execution.",
@@ -67,11 +73,15 @@ class AgentMetrics:
             c = self._answer_cache.setdefault((function, code), self.answers(function, code))
         c.inc()
 
-    def batch(self, function: str, rows: int, run_ms: float, cold: bool) -> None:
+    def batch(
+        self, function: str, rows: int, run_ms: float, cold: bool, inline: bool = False
+    ) -> None:
         self.batch_rows.labels(function).observe(rows)
         self.run_ms.labels(function).observe(run_ms)
         if cold:
             self.cold_starts.labels(function).inc()
+        if inline:
+            self.inline_batches.labels(function).inc()
 
     def spill(self, function: str) -> None:
         self.spills.labels(function).inc()

@@ -2,7 +2,8 @@
 
 For each request: decode and check it against the function's inputs, refuse
 what cannot finish before its deadline, batch it with others for the same
-function, run the batch on a worker thread (never on the event loop), and
+function, run the batch on a worker thread (or, when its measured CPU cost is
+below what the hand-off to a thread costs, at once on the loop thread), and
 answer each caller with its own slice. Every failure becomes an error reply
 naming what was wrong; nothing a caller sends can stop the service.
 """
@@ -23,6 +24,7 @@ import numpy as np
 from fnmesh.agent.admission import ServiceTime, admit
 from fnmesh.agent.batcher import Batcher, Pending, RunBatch
 from fnmesh.agent.dedup import Key, ReplyCache
+from fnmesh.agent.executors.base import Executor
 from fnmesh.agent.metrics import AgentMetrics
 from fnmesh.agent.replies import Result, encode_result
 from fnmesh.agent.warm_pool import PoolKey, WarmPool
@@ -43,6 +45,18 @@ log = logging.getLogger("fnmesh.agent")
 
 #: How long after a function leaves this node its requests are told to retry.
 MOVED_WINDOW_S = 120.0
+
+#: Default bound for running a batch on the loop thread: below what a thread hop costs.
+INLINE_RUN_S = 30e-6
+#: An inline run that took this many times the bound sends the function back to workers
+#: until it is measured again.
+INLINE_GIVE_UP = 20
+#: Calibration re-runs a first warm batch up to this many times, if it took at most
+#: CALIBRATE_MAX_S, and for at most CALIBRATE_BUDGET_S of CPU in all.
+CALIBRATE_RUNS = 32
+CALIBRATE_MAX_S = 200e-6
+CALIBRATE_BUDGET_S = 2e-3
+CALIBRATE_TRIES = 16
 
 #: Payload limit applied before the function is known (an unknown function's request).
 DEFAULT_MAX_PAYLOAD = 1 << 20
@@ -99,6 +113,11 @@ class Slot:
     allow_rollback: bool = False
     stats: ServiceTime = field(default_factory=ServiceTime)
     batchable: bool = True
+    #: False once its executor said it must not run on the loop thread.
+    inline: bool = True
+    #: CPU seconds per row of a warm run, measured once on a worker (None: not yet).
+    floor_s: float | None = None
+    calibrations: int = 0
 
     @property
     def key(self) -> PoolKey:
@@ -111,6 +130,39 @@ class _Meta:
     sink: Sink
     encoding: Encoding
     spilled: bool
+
+
+def _timed_run(ex: Executor, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+    """Run, and measure the CPU time of the calling thread (not time spent waiting)."""
+    t = time.thread_time()
+    outputs = ex.run(inputs)
+    return outputs, time.thread_time() - t
+
+
+def _worker_run(
+    ex: Executor, inputs: dict[str, np.ndarray], calibrate: bool
+) -> tuple[dict[str, np.ndarray], float | None]:
+    """Run on a worker; with ``calibrate``, also measure the model's warm CPU cost.
+
+    Calibration is done once per function: if a warm run was quick, it is
+    repeated back to back and the cheapest run is the model's cost (a run after
+    an idle gap starts with cold caches and costs two or three times as much).
+    A run that was not quick returns None, and the service tries a later
+    batch, up to ``CALIBRATE_TRIES`` times.
+    """
+    if not calibrate:
+        return ex.run(inputs), None
+    outputs, floor = _timed_run(ex, inputs)
+    if floor > CALIBRATE_MAX_S:
+        return outputs, None  # too long to be worth it now; a later batch tries again
+    spent = floor
+    for _ in range(CALIBRATE_RUNS):
+        cpu = _timed_run(ex, inputs)[1]
+        floor = min(floor, cpu)
+        spent += cpu
+        if spent > CALIBRATE_BUDGET_S:
+            break
+    return outputs, floor
 
 
 def _batchable(m: Manifest) -> bool:
@@ -132,8 +184,11 @@ class InvocationService:
         dedup: ReplyCache | None = None,
         spill_allowed: Callable[[str], bool] = lambda _fid: False,
         clock: Callable[[], float] = time.monotonic,
+        inline_run_s: float = INLINE_RUN_S,
     ) -> None:
         self.node = node
+        #: Batches measured to take at most this much CPU run on the loop thread (0: never).
+        self.inline_run_s = inline_run_s
         self.dedup = dedup
         self.spill_allowed = spill_allowed
         self.pool = pool
@@ -176,6 +231,7 @@ class InvocationService:
                 max_delay_s=manifest.limits.max_delay_ms / 1000.0,
                 max_queue=self.max_queue,
                 clock=self._clock,
+                inline=functools.partial(self._try_inline, manifest.name),
             ),
         )
 
@@ -375,8 +431,8 @@ class InvocationService:
     def _run_batch_for(self, function_id: str) -> RunBatch:
         return functools.partial(self._run_batch, function_id)
 
-    async def _run_batch(self, function_id: str, batch: list[Pending]) -> None:
-        slot = self._slots.get(function_id)
+    def _live(self, function_id: str, slot: Slot | None, batch: list[Pending]) -> list[Pending]:
+        """Answer the requests that expired or lost their function; return the rest."""
         now = self._clock()
         live: list[Pending] = []
         for p in batch:
@@ -392,9 +448,7 @@ class InvocationService:
                 )
             else:
                 live.append(p)
-        if not live:
-            return
-        if slot is None:
+        if live and slot is None:
             for p in live:
                 self._fail(
                     function_id,
@@ -404,46 +458,138 @@ class InvocationService:
                     ErrorCode.SATURATED,
                     f"function {function_id} moved off node {self.node}; try again",
                 )
+            return []
+        return live
+
+    @staticmethod
+    def _stack(m: Manifest, live: list[Pending]) -> dict[str, np.ndarray]:
+        if len(live) == 1:
+            return live[0].inputs
+        return {s.name: np.concatenate([p.inputs[s.name] for p in live]) for s in m.inputs}
+
+    def _try_inline(self, function_id: str, batch: list[Pending]) -> bool:
+        """Run ``batch`` now, on the loop thread, if that is cheaper than handing it off.
+
+        Handing a batch to a worker thread and back costs two GIL hand-offs and
+        a loop wake-up: more than 100 us on a small node, ten times what a
+        small model's run costs. A batch runs here only when its executor says
+        it can (CPU, one thread), it is loaded, and its compute cost is within
+        ``inline_run_s``. That cost is the floor measured once on a worker
+        (``_worker_run``); a run that follows an idle gap may take two or
+        three times as long, and one that takes far longer than the bound sends
+        the function back to workers until it is measured again. False leaves
+        the batch to a worker.
+        """
+        if self.inline_run_s <= 0:
+            return False
+        slot = self._slots.get(function_id)
+        if slot is None or not slot.inline:
+            return False
+        floor = slot.floor_s
+        if floor is None or floor * sum(p.rows for p in batch) > self.inline_run_s:
+            return False
+        ex = self.pool.try_acquire(slot.key)
+        if ex is None:
+            return False
+        try:
+            if not getattr(ex, "inline_ok", False):
+                slot.inline = False
+                return False
+            live = self._live(function_id, slot, batch)
+            if live:
+                started = self._clock()
+                try:
+                    outputs, cpu = _timed_run(ex, self._stack(slot.manifest, live))
+                except Exception as e:  # answered, never raised into the transport
+                    self._crashed(function_id, slot.manifest, live, e)
+                else:
+                    if cpu > INLINE_GIVE_UP * self.inline_run_s:
+                        # Far dearer than measured: back to workers, which measure it again.
+                        log.debug("%s: a run took %.0f us of CPU", function_id, cpu * 1e6)
+                        slot.floor_s = None
+                        slot.calibrations = 0
+                    self._answer(
+                        function_id, slot, live, outputs, started, self._clock(), False, True
+                    )
+        finally:
+            self.pool.release(ex)
+        return True
+
+    async def _run_batch(self, function_id: str, batch: list[Pending]) -> None:
+        slot = self._slots.get(function_id)
+        live = self._live(function_id, slot, batch)
+        if not live or slot is None:
             return
         m = slot.manifest
-        rows = sum(p.rows for p in live)
         try:
             async with self.pool.lease(slot.key, size_hint=m.requirements.memory_mb << 20) as (
                 ex,
                 cold,
             ):
-                inputs = (
-                    live[0].inputs
-                    if len(live) == 1
-                    else {
-                        s.name: np.concatenate([p.inputs[s.name] for p in live]) for s in m.inputs
-                    }
+                inputs = self._stack(m, live)
+                calibrate = (
+                    slot.floor_s is None
+                    and slot.calibrations < CALIBRATE_TRIES
+                    and slot.inline
+                    and not cold
+                    and self.inline_run_s > 0
+                    and getattr(ex, "inline_ok", False)
                 )
                 started = self._clock()
-                outputs = await asyncio.get_running_loop().run_in_executor(
-                    self._threads, ex.run, inputs
+                outputs, floor = await asyncio.get_running_loop().run_in_executor(
+                    self._threads, _worker_run, ex, inputs, calibrate
                 )
                 ended = self._clock()
+                slot.calibrations += calibrate
+                if floor is not None:
+                    slot.floor_s = floor / max(1, sum(p.rows for p in live))
+                    log.info(
+                        "%s: %.1f us of CPU per row, warm; %s",
+                        function_id,
+                        slot.floor_s * 1e6,
+                        "runs on the event loop"
+                        if slot.floor_s <= self.inline_run_s
+                        else "runs on workers",
+                    )
         except Exception as e:  # a bug or a runtime failure must not stop the batcher
-            if isinstance(e, MeshError):
-                log.warning("%s@%s failed: %s", m.name, m.version, e)
-                why = str(e)
-            else:
-                log.exception("%s@%s crashed", m.name, m.version)
-                why = f"internal error ({type(e).__name__})"
-            for p in live:
-                self._fail(
-                    function_id,
-                    p.meta.sink,
-                    p.meta.encoding,
-                    p.meta.id,
-                    ErrorCode.INTERNAL,
-                    f"{m.name}@{m.version} on {self.node}: {why}",
-                )
+            self._crashed(function_id, m, live, e)
             return
+        self._answer(function_id, slot, live, outputs, started, ended, cold, False)
+
+    def _crashed(self, function_id: str, m: Manifest, live: list[Pending], e: Exception) -> None:
+        if isinstance(e, MeshError):
+            log.warning("%s@%s failed: %s", m.name, m.version, e)
+            why = str(e)
+        else:
+            log.exception("%s@%s crashed", m.name, m.version)
+            why = f"internal error ({type(e).__name__})"
+        for p in live:
+            self._fail(
+                function_id,
+                p.meta.sink,
+                p.meta.encoding,
+                p.meta.id,
+                ErrorCode.INTERNAL,
+                f"{m.name}@{m.version} on {self.node}: {why}",
+            )
+
+    def _answer(
+        self,
+        function_id: str,
+        slot: Slot,
+        live: list[Pending],
+        outputs: dict[str, np.ndarray],
+        started: float,
+        ended: float,
+        cold: bool,
+        inline: bool,
+    ) -> None:
+        """Send each caller its own rows of the batch's outputs."""
+        m = slot.manifest
+        rows = sum(p.rows for p in live)
         run_ms = (ended - started) * 1000.0
         slot.stats.observe(run_ms, rows)
-        self.metrics.batch(function_id, rows, run_ms, cold)
+        self.metrics.batch(function_id, rows, run_ms, cold, inline)
         offset = 0
         for p in live:
             meta = p.meta

@@ -174,6 +174,21 @@ class WarmPool:
             await asyncio.shield(self._load_task(key, size_hint))
             # Loop: the entry is normally there now; if it was evicted in between, load again.
 
+    def try_acquire(self, key: PoolKey) -> Executor | None:
+        """Lease ``key`` only if it is loaded (never waits); pair with ``release``."""
+        if self._closed:
+            return None
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        entry.refs += 1
+        self._in_use += 1
+        self._idle.clear()
+        entry.last_used = self._clock()
+        self._entries.move_to_end(key)
+        self._hits += 1
+        return entry.executor
+
     def release(self, executor: Executor) -> None:
         """End one lease. The executor stays warm unless it was unloaded meanwhile."""
         entry = self._by_executor.get(id(executor))

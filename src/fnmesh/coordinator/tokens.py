@@ -48,7 +48,9 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def mint(coordinator: Identity, holder: CertInfo, ttl_s: float = DEFAULT_TTL_S) -> tuple[str, float]:
+def mint(
+    coordinator: Identity, holder: CertInfo, ttl_s: float = DEFAULT_TTL_S
+) -> tuple[str, float]:
     """A token for ``holder``, valid ``ttl_s`` seconds; returns it and its expiry (epoch)."""
     if not 0 < ttl_s <= MAX_TTL_S:
         raise TrustError(f"a token lives between 1 s and {MAX_TTL_S} s")
@@ -66,7 +68,9 @@ def mint(coordinator: Identity, holder: CertInfo, ttl_s: float = DEFAULT_TTL_S) 
     return f"{_b64(body)}.{_b64(sig)}", expires
 
 
-def verify(text: str, coordinator: Identity, trust: TrustStore, now: float | None = None) -> CertInfo:
+def verify(
+    text: str, coordinator: Identity, trust: TrustStore, now: float | None = None
+) -> CertInfo:
     """The identity a token stands for; raises :class:`TrustError` naming why not."""
     try:
         body_b64, sig_b64 = text.split(".")

@@ -24,9 +24,12 @@ SESSION_OVERHEAD_BYTES = 4 * MIB
 class Executor(Protocol):
     """A loaded model that turns named input arrays into named output arrays.
 
-    ``run`` blocks: call it from a worker thread, never on the event loop. It is
-    safe to call from any thread; an executor whose runtime is not re-entrant
-    serialises calls itself. ``close`` frees the model; nothing may run after it.
+    ``run`` blocks: call it from a worker thread, not on the event loop, unless
+    the executor has an attribute ``inline_ok`` that is True (its run uses only
+    the calling thread, so a caller that measured it short may run it in place).
+    It is safe to call from any thread; an executor whose runtime is not
+    re-entrant serialises calls itself. ``close`` frees the model; nothing may
+    run after it.
     """
 
     @property

@@ -112,7 +112,15 @@ def session_options(intra_op_threads: int = 1) -> ort.SessionOptions:
 class OnnxExecutor:
     """An ONNX Runtime session over in-memory model bytes; ``run`` is thread-safe (ORT's promise)."""
 
-    __slots__ = ("_function", "_inputs", "_memory_bytes", "_outputs", "_session", "load_seconds")
+    __slots__ = (
+        "_function",
+        "_inputs",
+        "_memory_bytes",
+        "_outputs",
+        "_session",
+        "inline_ok",
+        "load_seconds",
+    )
 
     def __init__(
         self,
@@ -121,6 +129,7 @@ class OnnxExecutor:
         function: str,
         memory_bytes: int,
         load_seconds: float,
+        intra_op_threads: int = 1,
     ) -> None:
         self._session: ort.InferenceSession | None = session
         self._function = function
@@ -129,6 +138,10 @@ class OnnxExecutor:
         self._memory_bytes = memory_bytes
         #: Wall time spent creating the session (for cold-start metrics).
         self.load_seconds = load_seconds
+        #: A short run may be made on the caller's (event loop) thread: the model runs on
+        #: that thread alone (CPU provider, one intra-op thread), so the CPU time the
+        #: caller measures is the whole cost.
+        self.inline_ok = intra_op_threads == 1 and self.providers == (CPU,)
 
     @property
     def provider(self) -> str:
@@ -219,6 +232,7 @@ def load_onnx(
         function=f"{manifest.name}@{manifest.version}",
         memory_bytes=declared_or_estimated_bytes(manifest, len(model_bytes), ONNX_MEMORY_FACTOR),
         load_seconds=elapsed,
+        intra_op_threads=intra_op_threads,
     )
     _log.debug("%r loaded in %.1f ms", executor, elapsed * 1000)
     return executor

@@ -55,6 +55,14 @@ from fnmesh.coordinator.cli.common import (
 )
 @click.option("--threads", type=int, default=0, help="Executor threads (default: cores).")
 @click.option(
+    "--inline-run-us",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Run batches measured to need at most this much CPU (us) on the event loop "
+    "instead of a worker thread, which costs more to reach (0: always a worker).",
+)
+@click.option(
     "--discover",
     is_flag=True,
     help="Find the coordinator and broker over mDNS (automatic when fnmesh.toml names no broker).",
@@ -99,6 +107,7 @@ def agent(
     max_queue: int,
     heartbeat: float,
     threads: int,
+    inline_run_us: float,
     discover: bool,
     interfaces: tuple[str, ...],
     coordinator: str | None,
@@ -145,6 +154,7 @@ def agent(
         max_queue=max_queue,
         heartbeat_s=heartbeat,
         threads=threads,
+        inline_run_us=inline_run_us,
         serve=tuple(Path(p) for p in serve),
     )
     asyncio.run(async_run(cfg))

@@ -746,8 +746,12 @@ class Store:
                     .values(version=version)
                 )
             values = {"name": name, "version": version, "body": body, "updated_at": time.time()}
-            if (await conn.execute(select(s.policies.c.name).where(s.policies.c.name == name))).first():
-                await conn.execute(update(s.policies).where(s.policies.c.name == name).values(values))
+            if (
+                await conn.execute(select(s.policies.c.name).where(s.policies.c.name == name))
+            ).first():
+                await conn.execute(
+                    update(s.policies).where(s.policies.c.name == name).values(values)
+                )
             else:
                 await conn.execute(s.policies.insert().values(values))
         return version
