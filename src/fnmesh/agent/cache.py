@@ -3,8 +3,9 @@
 What is stored is the bundle as the node received it, reduced to the one data
 key wrapped for this node: the model stays AES-GCM ciphertext on disk, and its
 key is sealed to the node's X25519 key (``enc.key``, mode 0600). Every load
-verifies again (signature, chain, revocation, dates, digests) and decrypts
-into memory only; no plaintext byte is ever written.
+verifies again (signature, chain, revocation, dates, AES-GCM tag, plaintext
+digest; see :meth:`BundleCache.open`) and decrypts into memory only; no
+plaintext byte is ever written.
 
 The cache also remembers, across restarts, the highest version it has run
 for each function: an older one is refused unless the caller passes a
@@ -64,6 +65,8 @@ class BundleCache:
         (root / "bundles").mkdir(parents=True, exist_ok=True)
         self._versions_path = root / "versions.json"
         self._versions: dict[str, str] = self._read_versions()
+        #: Plaintext digests whose graph passed the checks in this process.
+        self._graph_checked: set[str] = set()
 
     def path(self, digest: str) -> Path:
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
@@ -91,7 +94,16 @@ class BundleCache:
         return mine
 
     def open(self, digest: str, *, allow_rollback: bool = False) -> Opened:
-        """Verify, then decrypt into memory. Refuses a version older than the highest run."""
+        """Verify, then decrypt into memory. Refuses a version older than the highest run.
+
+        Every load checks the signature, the publisher's chain and revocation,
+        the dates, AES-GCM's tag over the ciphertext and the signed plaintext
+        digest over the decrypted model: the bytes handed to the runtime are
+        the ones the publisher signed. The signed ciphertext digest was checked
+        when the bundle entered the cache (:meth:`put`); it is not hashed again
+        here, because any change to the ciphertext fails the tag, and a
+        ciphertext that decrypts to other bytes fails the plaintext digest.
+        """
         path = self.path(digest)
         try:
             data = path.read_bytes()
@@ -102,8 +114,17 @@ class BundleCache:
         if bundle.digest != digest:
             raise AgentError(f"cached file {path.name} holds bundle {bundle.digest[:12]}")
         self.check_version(bundle.manifest, allow_rollback=allow_rollback)
-        model = bundle.open(self.trust, self.node_cn, self._key)
+        bundle.verify(self.trust, ciphertext_digest=False)
+        model = bundle.decrypt(bundle.data_key(self.node_cn, self._key))
+        self._check_model(bundle, model)
         return Opened(bundle.manifest, model, digest)
+
+    def _check_model(self, bundle: Bundle, model: bytes) -> None:
+        """Check the graph once per process: the same plaintext digest means the same graph."""
+        pt = bundle.manifest.digests.plaintext
+        if pt not in self._graph_checked:
+            bundle.check_model(model)
+            self._graph_checked.add(pt)
 
     def bundle(self, digest: str) -> Bundle:
         """A cached bundle, parsed (not verified: :meth:`open` verifies)."""

@@ -148,8 +148,15 @@ class Bundle:
 
     # -- trust --------------------------------------------------------------------
 
-    def verify(self, trust: TrustStore, *, at: datetime | None = None) -> CertInfo:
-        """Everything that can be checked without a key. Returns the publisher."""
+    def verify(
+        self, trust: TrustStore, *, at: datetime | None = None, ciphertext_digest: bool = True
+    ) -> CertInfo:
+        """Everything that can be checked without a key. Returns the publisher.
+
+        ``ciphertext_digest=False`` leaves out hashing the ciphertext, for a caller
+        that passes the digest to :meth:`check_ciphertext_digest` itself (having
+        hashed it while doing something else).
+        """
         when = at or datetime.now(UTC)
         m = self.manifest
         publisher = verify_manifest(
@@ -165,9 +172,14 @@ class Bundle:
             raise IntegrityError("ciphertext length does not match the manifest")
         if m.digests.algorithm != ALGORITHM:
             raise IntegrityError(f"unknown digest algorithm {m.digests.algorithm!r}")
-        if not hmac.compare_digest(tree_sha256(self.ciphertext), m.digests.ciphertext):
-            raise IntegrityError("ciphertext digest does not match the manifest (tampered)")
+        if ciphertext_digest:
+            self.check_ciphertext_digest(tree_sha256(self.ciphertext))
         return publisher
+
+    def check_ciphertext_digest(self, digest: str) -> None:
+        """Refuse the bundle unless ``digest`` (of :attr:`ciphertext`) is the signed one."""
+        if not hmac.compare_digest(digest, self.manifest.digests.ciphertext):
+            raise IntegrityError("ciphertext digest does not match the manifest (tampered)")
 
     def data_key(self, recipient: str, key: X25519PrivateKey) -> bytes:
         """Unwrap the data key for ``recipient`` (a CN) and check the keys section's MAC."""
@@ -201,11 +213,16 @@ class Bundle:
         """Verify, then decrypt; returns the model bytes (memory only)."""
         self.verify(trust, at=at)
         model = self.decrypt(self.data_key(recipient, key))
-        if check_graph and self.manifest.runtime == Runtime.ONNX:
+        if check_graph:
+            self.check_model(model)
+        return model
+
+    def check_model(self, model: bytes) -> None:
+        """An ONNX model's graph must be safe to load and match the manifest's tensors."""
+        if self.manifest.runtime == Runtime.ONNX:
             g = graph.load_graph(model)
             graph.check_graph(g)
             graph.check_matches(g, self.manifest.inputs, self.manifest.outputs)
-        return model
 
     def rewrap(self, data_key: bytes, recipients: Mapping[str, X25519PublicKey]) -> Bundle:
         """A copy with the data key also wrapped for ``recipients`` (the caller holds the key)."""

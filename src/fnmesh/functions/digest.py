@@ -33,16 +33,23 @@ def _leaf(view: memoryview) -> bytes:
 
 
 def tree_sha256(data: bytes | memoryview) -> str:
+    """The tree digest (hex)."""
     view = memoryview(data).cast("B")
     n = len(view)
     chunks = [view[i : i + CHUNK] for i in range(0, n, CHUNK)] or [view]
     if len(chunks) < 2 or _WORKERS == 1:
         leaves = [_leaf(c) for c in chunks]
     else:
-        # One contiguous span per worker keeps task overhead to a few calls.
+        # One contiguous span per core; the calling thread hashes the first itself
+        # (one thread hand-off fewer), the pool the rest.
         per = -(-len(chunks) // _WORKERS)
         spans = [chunks[i : i + per] for i in range(0, len(chunks), per)]
-        leaves = [
-            d for part in _get_pool().map(lambda s: [_leaf(c) for c in s], spans) for d in part
-        ]
+        rest = [_get_pool().submit(_leaves, s) for s in spans[1:]]
+        leaves = _leaves(spans[0])
+        for f in rest:
+            leaves += f.result()
     return hashlib.sha256(b"".join(leaves)).hexdigest()
+
+
+def _leaves(span: list[memoryview]) -> list[bytes]:
+    return [_leaf(c) for c in span]
