@@ -184,6 +184,24 @@ class OnnxExecutor:
         return f"OnnxExecutor({self._function!r}, provider={self.provider!r})"
 
 
+def _warm_up(session: ort.InferenceSession, manifest: Manifest) -> None:
+    """One run on zeros (symbolic dimensions as 1), on the loading thread.
+
+    A session's first run pays one-off costs (buffers, kernel state), about as
+    much again as the run itself; paid here, off the request's path, the first
+    request finds a warm session. A model that refuses zeros is simply not
+    warmed up.
+    """
+    try:
+        feed = {
+            s.name: np.zeros(tuple(1 if isinstance(d, str) else d for d in s.shape), s.dtype)
+            for s in manifest.inputs
+        }
+        session.run(None, feed)
+    except ORT_ERRORS as e:
+        _log.debug("%s@%s: no warm-up run (%s)", manifest.name, manifest.version, e)
+
+
 def load_onnx(
     model_bytes: bytes,
     manifest: Manifest,
@@ -227,6 +245,7 @@ def load_onnx(
             providers,
             got,
         )
+    _warm_up(session, manifest)
     executor = OnnxExecutor(
         session,
         function=f"{manifest.name}@{manifest.version}",
