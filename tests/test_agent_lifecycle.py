@@ -399,6 +399,11 @@ def test_disk_budget_removes_unpinned_least_recently_used(fleet: Fleet, tmp_path
 
 TAMPERS = {
     "bit_flip_in_ciphertext": (lambda data, other: data[:-1] + bytes([data[-1] ^ 1]), "tampered"),
+    # Inside the model's ciphertext, not its tag: a load checks the tag, not a second hash.
+    "bit_flip_mid_ciphertext": (
+        lambda data, other: data[:-4000] + bytes([data[-4000] ^ 0x40]) + data[-3999:],
+        "tampered",
+    ),
     "truncated": (lambda data, other: data[:-100], "truncated"),
     "swapped_for_another_bundle": (lambda data, other: other, "holds bundle"),
 }
