@@ -88,3 +88,29 @@ def test_clear_and_multiple() -> None:
     p.clear()
     assert p.isEmpty()
     assert p.pack() == b"\x00"
+
+
+def test_publish_info_waits_without_a_condition_made_up_front() -> None:
+    """``MQTTMessageInfo`` makes its condition only for a waiter, and waiting still works:
+    before, during (from another thread) and after the acknowledgement."""
+    import threading
+
+    from paho.mqtt.client import MQTTMessageInfo
+
+    done = MQTTMessageInfo(1)
+    assert done._condition is None
+    done._set_as_published()
+    done.wait_for_publish(1)
+    assert done.is_published()
+
+    later = MQTTMessageInfo(2)
+    assert not later.is_published() and later._condition is not None
+    waiter = threading.Thread(target=later.wait_for_publish, args=(10,))
+    waiter.start()
+    later._set_as_published()
+    waiter.join(10)
+    assert not waiter.is_alive() and later.is_published()
+
+    never = MQTTMessageInfo(3)
+    never.wait_for_publish(0.05)  # times out quietly, as paho's does
+    assert not never.is_published()

@@ -8,14 +8,22 @@ compute the tables once and look names up in dictionaries; behaviour (what is
 accepted, what is refused, the bytes packed) is unchanged, which
 ``tests/test_mqtt_speedups.py`` checks against paho's own methods.
 
+The same goes for ``MQTTMessageInfo``: paho gives every publish its own
+``threading.Condition`` for ``wait_for_publish``, which the agent never calls
+(it awaits acknowledgements on the loop); here the condition is made only
+when someone waits.
+
 Applied once, on import of :mod:`fnmesh.agent.mqtt`.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
+from paho.mqtt import client as _client
 from paho.mqtt import properties as _p
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 
 _Original = _p.Properties
@@ -112,6 +120,47 @@ def _is_empty(self: Any) -> bool:
     return not any(compressed in d for compressed, _ in _ORDER)
 
 
+_Info = _client.MQTTMessageInfo
+_info_wait = _Info.wait_for_publish
+_info_is_published = _Info.is_published
+_info_lock = threading.Lock()
+
+
+def _info_init(self: Any, mid: int) -> None:
+    self.mid = mid
+    self._published = False
+    self._condition = None  # made by the first waiter (_with_condition)
+    self.rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+    self._iterpos = 0
+
+
+def _with_condition(self: Any) -> None:
+    if self._condition is None:
+        with _info_lock:
+            if self._condition is None:
+                self._condition = threading.Condition()
+
+
+def _info_set_as_published(self: Any) -> None:
+    # Set first, then look for a waiter: one that made its condition after this
+    # read sees _published already True and does not wait.
+    self._published = True
+    cond = self._condition
+    if cond is not None:
+        with cond:
+            cond.notify_all()
+
+
+def _info_wait_for_publish(self: Any, timeout: float | None = None) -> None:
+    _with_condition(self)
+    _info_wait(self, timeout)
+
+
+def _info_is_published_(self: Any) -> bool:
+    _with_condition(self)
+    return bool(_info_is_published(self))
+
+
 def apply() -> None:
     """Install the replacements (idempotent)."""
     if getattr(_Original, "_fnmesh_fast", False):
@@ -124,4 +173,8 @@ def apply() -> None:
     _Original.pack = _pack  # type: ignore[method-assign]
     _Original.clear = _clear  # type: ignore[method-assign]
     _Original.isEmpty = _is_empty  # type: ignore[method-assign]
+    _Info.__init__ = _info_init  # type: ignore[method-assign]
+    _Info._set_as_published = _info_set_as_published  # type: ignore[method-assign]
+    _Info.wait_for_publish = _info_wait_for_publish  # type: ignore[method-assign]
+    _Info.is_published = _info_is_published_  # type: ignore[method-assign]
     _Original._fnmesh_fast = True  # type: ignore[attr-defined]

@@ -15,7 +15,6 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,6 +26,7 @@ from fnmesh.agent.dedup import Key, ReplyCache
 from fnmesh.agent.executors.base import Executor
 from fnmesh.agent.metrics import AgentMetrics
 from fnmesh.agent.replies import Result, encode_result
+from fnmesh.agent.runner import Runner
 from fnmesh.agent.warm_pool import PoolKey, WarmPool
 from fnmesh.errors import MeshError
 from fnmesh.functions.manifest import Manifest
@@ -198,7 +198,7 @@ class InvocationService:
         self._slots: dict[str, Slot] = {}
         self._by_key: dict[PoolKey, Slot] = {}
         self._staged: dict[PoolKey, Slot] = {}
-        self._threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fnmesh-run")
+        self._runner = Runner(threads)
         self._accepting = True
         #: Until the node's first assignment is applied (or a grace period ends), an
         #: unknown function is "not loaded yet" (saturated), not "not found".
@@ -536,9 +536,7 @@ class InvocationService:
                     and getattr(ex, "inline_ok", False)
                 )
                 started = self._clock()
-                outputs, floor = await asyncio.get_running_loop().run_in_executor(
-                    self._threads, _worker_run, ex, inputs, calibrate
-                )
+                outputs, floor = await self._runner.run(_worker_run, ex, inputs, calibrate)
                 ended = self._clock()
                 slot.calibrations += calibrate
                 if floor is not None:
@@ -651,4 +649,5 @@ class InvocationService:
                     f"node {self.node} is shutting down",
                 )
             await slot.batcher.async_cancel()
-        self._threads.shutdown(wait=True, cancel_futures=True)
+        # Batches are drained or cancelled above; a run still going is left to end on its own.
+        await asyncio.to_thread(self._runner.shutdown, 5.0)
