@@ -177,8 +177,9 @@ async def test_small_model_runs_on_the_loop_once_measured(fleet: Fleet, broker: 
     digits = build_example("digits")
     x = digits.sample_inputs(24, seed=5)
     async with (
-        running_agent(fleet, broker, root, [build_bundle(fleet, "digits")], inline_run_us=1000)
-        as agent,
+        running_agent(
+            fleet, broker, root, [build_bundle(fleet, "digits")], inline_run_us=1000
+        ) as agent,
         Device(fleet, broker, root) as dev,
     ):
         for i in range(24):
@@ -192,6 +193,22 @@ async def test_small_model_runs_on_the_loop_once_measured(fleet: Fleet, broker: 
         assert total == 24, "every request ran once"
         assert 0 < ran_inline < count, "the first warm batch ran on a worker, later ones inline"
 
+        # A stream of requests goes back to workers (where batches can build up), each
+        # caller still getting its own answer.
+        burst = digits.sample_inputs(48, seed=8)
+        sent = await asyncio.gather(
+            *(dev.send("digits", rows(burst, i), id=f"b-{i}") for i in range(48))
+        )
+        seen = set()
+        for topic, _ in sent:
+            ans = (await dev.mail.get(topic)).ok()  # type: ignore[arg-type]
+            i = int(ans.id.removeprefix("b-"))
+            seen.add(i)
+            assert_same_outputs(ans.outputs, ort_run("digits", rows(burst, i)), f"burst {i}")
+        assert seen == set(range(48))
+        assert batches(agent, "examples/digits")[1] == 24 + 48
+        assert inline_batches(agent, "examples/digits") - ran_inline < 48, "all ran on the loop"
+
 
 @pytest.mark.parametrize("bound_us", [0.0, 0.001])
 async def test_inline_off_or_too_dear_stays_on_workers(
@@ -203,8 +220,9 @@ async def test_inline_off_or_too_dear_stays_on_workers(
     digits = build_example("digits")
     x = digits.sample_inputs(12, seed=6)
     async with (
-        running_agent(fleet, broker, root, [build_bundle(fleet, "digits")], inline_run_us=bound_us)
-        as agent,
+        running_agent(
+            fleet, broker, root, [build_bundle(fleet, "digits")], inline_run_us=bound_us
+        ) as agent,
         Device(fleet, broker, root) as dev,
     ):
         for i in range(12):

@@ -48,6 +48,13 @@ MOVED_WINDOW_S = 120.0
 
 #: Default bound for running a batch on the loop thread: below what a thread hop costs.
 INLINE_RUN_S = 30e-6
+#: Runs go on the loop only while requests arrive at most this often (on average): a
+#: request in a stream is better served by the batches that build up on workers.
+INLINE_MIN_GAP_S = 500e-6
+#: The average weighs the newest gap by GAP_ALPHA, and counts no gap as longer than
+#: GAP_CAP_S, so that a burst after an idle spell is seen as one within a few requests.
+GAP_ALPHA = 0.25
+GAP_CAP_S = 4 * INLINE_MIN_GAP_S
 #: An inline run that took this many times the bound sends the function back to workers
 #: until it is measured again.
 INLINE_GIVE_UP = 20
@@ -194,6 +201,9 @@ class InvocationService:
         self.node = node
         #: Batches measured to take at most this much CPU run on the loop thread (0: never).
         self.inline_run_s = inline_run_s
+        #: Moving average of the time between requests (any function), see GAP_CAP_S.
+        self._gap_s = GAP_CAP_S
+        self._last_arrival = clock()
         self.dedup = dedup
         self.spill_allowed = spill_allowed
         self.pool = pool
@@ -305,6 +315,8 @@ class InvocationService:
     ) -> None:
         """Take one request; its answer (or error) will reach ``sink`` exactly once."""
         now = self._clock()
+        self._gap_s += GAP_ALPHA * (min(now - self._last_arrival, GAP_CAP_S) - self._gap_s)
+        self._last_arrival = now
         received = received if received is not None else now
         slot = self._slots.get(function_id)
         limit = slot.manifest.limits.max_payload if slot else DEFAULT_MAX_PAYLOAD
@@ -478,12 +490,15 @@ class InvocationService:
         Handing a batch to a worker thread and back costs two GIL hand-offs and
         a loop wake-up: more than 100 us on a small node, ten times what a
         small model's run costs. A batch runs here only when its executor says
-        it can (CPU, one thread), it is loaded, and its compute cost is within
-        ``inline_run_s``. That cost is the floor of a single-row run measured on
-        a worker (``_worker_run``), times the batch's rows; a run that follows
-        an idle gap may take two or three times as long, and one that takes far
-        longer than the bound sends the function back to workers until it is
-        measured again. False leaves the batch to a worker.
+        it can (CPU, one thread), it is loaded, its compute cost is within
+        ``inline_run_s``, and requests are not arriving as a stream (a moving
+        average of at least ``INLINE_MIN_GAP_S`` between them: a stream is
+        better served by batches growing on workers beside the loop's work).
+        The compute cost is the floor of a single-row run measured on a worker
+        (``_worker_run``), times the batch's rows; a run that follows an idle
+        gap may take two or three times as long, and one that takes far longer
+        than the bound sends the function back to workers until it is measured
+        again. False leaves the batch to a worker.
         """
         if self.inline_run_s <= 0:
             return False
@@ -492,6 +507,8 @@ class InvocationService:
             return False
         floor = slot.floor_s
         if floor is None or floor * sum(p.rows for p in batch) > self.inline_run_s:
+            return False
+        if self._gap_s < INLINE_MIN_GAP_S:
             return False
         ex = self.pool.try_acquire(slot.key)
         if ex is None:
