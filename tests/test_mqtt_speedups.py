@@ -114,3 +114,25 @@ def test_publish_info_waits_without_a_condition_made_up_front() -> None:
     never = MQTTMessageInfo(3)
     never.wait_for_publish(0.05)  # times out quietly, as paho's does
     assert not never.is_published()
+
+
+def test_caching_matcher_matches_like_paho_and_forgets_on_change() -> None:
+    """The per-topic memory gives paho's matches, and a filter added or removed is seen."""
+    from paho.mqtt.matcher import MQTTMatcher
+
+    from fnmesh.agent.mqtt import _CachingMatcher
+
+    ours, theirs = _CachingMatcher(), MQTTMatcher()
+    topics = ["a/b/c", "a/x/c", "a/b", "z", "$SYS/x"]
+
+    def same() -> None:
+        for _ in range(2):  # the second pass is answered from memory
+            for t in topics:
+                assert sorted(ours.iter_match(t)) == sorted(theirs.iter_match(t)), t
+
+    for f, v in [("a/#", 1), ("a/+/c", 2), ("z", 3)]:
+        ours[f], theirs[f] = v, v
+        same()
+    del ours["a/#"], theirs["a/#"]
+    same()
+    assert list(ours.iter_match("a/b")) == []

@@ -19,13 +19,14 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.matcher import MQTTMatcher
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -98,6 +99,39 @@ def properties(
     return p
 
 
+class _CachingMatcher(MQTTMatcher):
+    """paho's filter tree, remembering which values each topic matched.
+
+    paho walks the tree (a recursive generator) for every message it
+    dispatches, and a client sees the same few topics over and over. Any
+    change to the filters forgets everything remembered.
+    """
+
+    #: Topics remembered (all are forgotten when full).
+    SIZE = 4096
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._matched: dict[str, list[Any]] = {}
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)  # type: ignore[no-untyped-call]
+        self._matched.clear()
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)  # type: ignore[no-untyped-call]
+        self._matched.clear()
+
+    def iter_match(self, topic: str) -> Iterator[Any]:
+        found = self._matched.get(topic)
+        if found is None:
+            found = list(super().iter_match(topic))  # type: ignore[no-untyped-call]
+            if len(self._matched) >= self.SIZE:
+                self._matched.clear()
+            self._matched[topic] = found
+        return iter(found)
+
+
 class _CoalescingClient(mqtt.Client):
     """paho's client, writing every packet queued in one loop pass with one socket send.
 
@@ -107,17 +141,12 @@ class _CoalescingClient(mqtt.Client):
     the socket does not take stay buffered, in order, until it is writable.
     Nothing buffered survives a reconnect (QoS 1 messages are re-sent by paho).
 
-    It also remembers which callbacks a topic matched: paho walks its filter
-    tree (a recursive generator) for every message, and an agent sees the same
-    few topics over and over.
+    Its callback filters sit in a :class:`_CachingMatcher`.
     """
-
-    #: Topics whose matching callbacks are remembered (the cache is emptied when full).
-    MATCH_CACHE = 4096
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._matched: dict[str, list[Callable[..., None]]] = {}
+        self._on_message_filtered = _CachingMatcher()
         self._wbuf = bytearray()
         self._collecting = False
 
@@ -155,44 +184,6 @@ class _CoalescingClient(mqtt.Client):
 
     def reset_buffer(self) -> None:
         self._wbuf.clear()
-
-    def message_callback_add(self, sub: str, callback: Callable[..., None]) -> None:
-        super().message_callback_add(sub, callback)
-        self._matched.clear()
-
-    def message_callback_remove(self, sub: str) -> None:
-        super().message_callback_remove(sub)
-        self._matched.clear()
-
-    def _handle_on_message(self, message: mqtt.MQTTMessage) -> None:
-        # paho's own, with the filter walk remembered per topic.
-        try:
-            topic = message.topic
-        except UnicodeDecodeError:
-            topic = None
-        callbacks: list[Callable[..., None]] = []
-        if topic is not None:
-            found = self._matched.get(topic)
-            if found is None:
-                with self._callback_mutex:
-                    found = list(self._on_message_filtered.iter_match(topic))
-                if len(self._matched) >= self.MATCH_CACHE:
-                    self._matched.clear()
-                self._matched[topic] = found
-            callbacks = found
-        for callback in callbacks or ([self.on_message] if self.on_message else []):
-            with self._in_callback_mutex:
-                try:
-                    callback(self, self._userdata, message)
-                except Exception as err:
-                    self._easy_log(
-                        mqtt.MQTT_LOG_ERR,
-                        "Caught exception in user defined callback function %s: %s",
-                        getattr(callback, "__name__", callback),
-                        err,
-                    )
-                    if not self.suppress_exceptions:
-                        raise
 
     def _sock_close(self) -> None:
         # paho closes the socket as soon as it has "sent" a DISCONNECT, which here is
