@@ -159,16 +159,7 @@ class WarmPool:
             self._check_open()
             entry = self._entries.get(key)
             if entry is not None:
-                entry.refs += 1
-                self._in_use += 1
-                self._idle.clear()
-                entry.last_used = self._clock()
-                self._entries.move_to_end(key)
-                if cold:
-                    self._misses += 1
-                else:
-                    self._hits += 1
-                return entry.executor, cold
+                return self._lease(entry, cold), cold
             cold = True
             # Shielded: one waiter giving up must not cancel the load others share.
             await asyncio.shield(self._load_task(key, size_hint))
@@ -179,14 +170,18 @@ class WarmPool:
         if self._closed:
             return None
         entry = self._entries.get(key)
-        if entry is None:
-            return None
+        return self._lease(entry, False) if entry is not None else None
+
+    def _lease(self, entry: _Entry, cold: bool) -> Executor:
         entry.refs += 1
         self._in_use += 1
         self._idle.clear()
         entry.last_used = self._clock()
-        self._entries.move_to_end(key)
-        self._hits += 1
+        self._entries.move_to_end(entry.key)
+        if cold:
+            self._misses += 1
+        else:
+            self._hits += 1
         return entry.executor
 
     def release(self, executor: Executor) -> None:
