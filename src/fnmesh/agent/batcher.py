@@ -89,7 +89,7 @@ class Batcher:
             return
         self._queue.append(p)
         self.queued_rows += p.rows
-        if self._task is None or self._task.done():
+        if idle:
             self._task = asyncio.get_running_loop().create_task(self._drain())
         else:
             self._more.set()
