@@ -32,7 +32,7 @@ from fnmesh.agent.mqtt import MqttClient
 from fnmesh.agent.presence import Presence, offline_will
 from fnmesh.agent.probe import Hardware, probe, utilisation
 from fnmesh.agent.revocation import RevocationFollower
-from fnmesh.agent.service import InvocationService
+from fnmesh.agent.service import INLINE_RUN_S, InvocationService
 from fnmesh.agent.warm_pool import PoolKey, WarmPool, threaded
 from fnmesh.certs import lookup
 from fnmesh.certs.errors import IdentityError
@@ -64,7 +64,7 @@ class AgentConfig:
     threads: int = 0
     intra_op_threads: int = 1
     #: Batches measured to need at most this much CPU run on the loop thread (0: never).
-    inline_run_us: float = 30.0
+    inline_run_us: float = INLINE_RUN_S * 1e6
     heartbeat_s: float = 2.0
     keepalive_s: int = 5
     cache_budget_mb: int = 2048

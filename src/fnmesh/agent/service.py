@@ -500,10 +500,8 @@ class InvocationService:
         than the bound sends the function back to workers until it is measured
         again. False leaves the batch to a worker.
         """
-        if self.inline_run_s <= 0:
-            return False
         slot = self._slots.get(function_id)
-        if slot is None or not slot.inline:
+        if slot is None or not self._may_inline(slot):
             return False
         floor = slot.floor_s
         if floor is None or floor * sum(p.rows for p in batch) > self.inline_run_s:
@@ -578,9 +576,12 @@ class InvocationService:
             return
         self._answer(function_id, slot, live, outputs, started, ended, cold, False)
 
+    def _may_inline(self, slot: Slot) -> bool:
+        return self.inline_run_s > 0 and slot.inline
+
     def _calibration_due(self, slot: Slot) -> bool:
         """Measure a single-row run's cost now? Until known, and now and then when close."""
-        if self.inline_run_s <= 0 or not slot.inline:
+        if not self._may_inline(slot):
             return False
         if slot.floor_s is None:
             return slot.calibrations < CALIBRATE_TRIES
