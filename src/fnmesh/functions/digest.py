@@ -38,7 +38,7 @@ def tree_sha256(data: bytes | memoryview) -> str:
     n = len(view)
     chunks = [view[i : i + CHUNK] for i in range(0, n, CHUNK)] or [view]
     if len(chunks) < 2 or _WORKERS == 1:
-        leaves = [_leaf(c) for c in chunks]
+        leaves = _leaves(chunks)
     else:
         # One contiguous span per core; the calling thread hashes the first itself
         # (one thread hand-off fewer), the pool the rest.
