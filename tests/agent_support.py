@@ -231,7 +231,8 @@ class _Mailbox:
 
     async def get(self, topic: str, timeout: float = WAIT) -> Reply:
         try:
-            return await asyncio.wait_for(self.by_topic[topic].get(), timeout)
+            async with asyncio.timeout(timeout):
+                return await self.by_topic[topic].get()
         except TimeoutError:
             raise AssertionError(f"no message on {topic} within {timeout:.0f} s") from None
 
@@ -374,9 +375,11 @@ class Device311:
         await asyncio.to_thread(self.client.connect, "127.0.0.1", self._broker.tls_port, 30)
         self.client.loop_start()
         try:
-            await asyncio.wait_for(self._connected.wait(), WAIT)
+            async with asyncio.timeout(WAIT):
+                await self._connected.wait()
             _, mid = self.client.subscribe(self.replies + "#", qos=1)
-            await asyncio.wait_for(self._subacks.setdefault(mid, asyncio.Event()).wait(), WAIT)
+            async with asyncio.timeout(WAIT):
+                await self._subacks.setdefault(mid, asyncio.Event()).wait()
         except BaseException:
             await self.__aexit__()
             raise
@@ -521,7 +524,8 @@ class AgentProcess:
 
     async def wait_exit(self, timeout: float) -> int:
         try:
-            return await asyncio.wait_for(asyncio.shield(self.exited), timeout)
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(self.exited)
         except TimeoutError:
             raise AssertionError(f"agent still running after {timeout:.0f} s") from None
 
@@ -567,7 +571,8 @@ async def agent_process(
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
-            await asyncio.wait_for(asyncio.shield(exited), WAIT)
+            async with asyncio.timeout(WAIT):
+                await asyncio.shield(exited)
 
 
 async def poll(

@@ -587,7 +587,8 @@ class MeshDevice:
     async def answer(self, s: Sent, timeout: float = WAIT) -> Response | ErrorReply:
         assert s.first is not None
         try:
-            return await asyncio.wait_for(asyncio.shield(s.first), timeout)
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(s.first)
         except TimeoutError:
             raise AssertionError(
                 f"no answer to request {s.corr.hex()} in {timeout:.0f} s"
@@ -694,7 +695,8 @@ class ControlWatcher:
                 raise AssertionError(f"no {what} within {timeout:.0f} s; saw {self.messages[-5:]}")
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), left)
+                async with asyncio.timeout(left):
+                    await self._changed.wait()
 
 
 def _about(node: str, kind: str) -> Callable[[str, str, dict[str, Any] | None], bool]:

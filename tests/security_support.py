@@ -230,7 +230,8 @@ class Peer:
         await asyncio.to_thread(self.client.connect, "127.0.0.1", self.port, 30)
         self.client.loop_start()
         try:
-            rc = await asyncio.wait_for(self._connected, WAIT)
+            async with asyncio.timeout(WAIT):
+                rc = await self._connected
             assert rc == 0, f"{self.cn}: CONNACK {rc:#x}"
         except BaseException:
             await self.__aexit__()
@@ -247,7 +248,8 @@ class Peer:
         assert mid is not None
         fut = self._subacks.setdefault(mid, self._loop.create_future())
         try:
-            return await asyncio.wait_for(fut, WAIT)
+            async with asyncio.timeout(WAIT):
+                return await fut
         finally:
             self._subacks.pop(mid, None)
 
@@ -273,7 +275,8 @@ class Peer:
         info = self.client.publish(topic, payload, qos=1, properties=props)
         fut = self._acks.setdefault(info.mid, self._loop.create_future())
         try:
-            return await asyncio.wait_for(fut, WAIT)
+            async with asyncio.timeout(WAIT):
+                return await fut
         finally:
             self._acks.pop(info.mid, None)
 
@@ -293,7 +296,8 @@ class Peer:
                 raise AssertionError(f"{self.cn}: no {what} within {timeout:.0f} s")
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), left)
+                async with asyncio.timeout(left):
+                    await self._changed.wait()
 
 
 def broker_refuses(port: int, home: Home, ident: Identity) -> bool:

@@ -189,7 +189,8 @@ async def run_tool(*cmd: str, timeout: float = WAIT + 5) -> bytes:
         stderr=asyncio.subprocess.PIPE,
     )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate()
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -245,7 +246,8 @@ async def test_mosquitto_pub_sub_with_reply_to_gets_onnx_runtime_answer(
             seen: list[bytes] = []
             # -d prints the SUBACK: only then can the request not outrun the subscription.
             while not any(b"SUBACK" in line for line in seen):
-                line = await asyncio.wait_for(sub.stdout.readline(), WAIT)
+                async with asyncio.timeout(WAIT):
+                    line = await sub.stdout.readline()
                 assert line, f"mosquitto_sub ended before subscribing: {b''.join(seen)!r}"
                 seen.append(line)
             await run_tool(
@@ -254,7 +256,8 @@ async def test_mosquitto_pub_sub_with_reply_to_gets_onnx_runtime_answer(
                 *("-V", "311", "-q", "1", "-t", f"{root}/nodes/{NODE}/invoke/{fid(example)}"),
                 *("-m", payload.decode()),
             )
-            rest, _ = await asyncio.wait_for(sub.communicate(), WAIT + 5)
+            async with asyncio.timeout(WAIT + 5):
+                rest, _ = await sub.communicate()
         finally:
             if sub.returncode is None:
                 sub.kill()

@@ -434,6 +434,29 @@ async def test_tampered_cached_bundle_refused_at_load(
         assert_same_outputs(r.ok().outputs, ort_run("cancer", x), "cancer after the tamper")
 
 
+async def test_stop_that_lands_with_a_puback_still_stops_the_publisher(
+    fleet: Fleet, broker: Broker
+) -> None:
+    """A task cancelled in the loop pass that also brings its PUBACK is cancelled.
+
+    An agent stops its heartbeat by cancelling it, and a heartbeat spends its life waiting for
+    a PUBACK: if the cancellation were swallowed (as ``asyncio.wait_for`` does on Python 3.11
+    when the awaited future completes in the same pass) the heartbeat would go on beating and
+    the agent's stop would wait for it forever.
+    """
+    root = new_root()
+    async with Device(fleet, broker, root) as dev:
+        client = dev.client
+        publishing = asyncio.create_task(client.async_publish(f"{root}/probe", b"x", timeout=WAIT))
+        await asyncio.sleep(0)  # the task has sent its PUBLISH and waits; no PUBACK can be in yet
+        assert len(client._acks) == 1, "the publish is not waiting for its PUBACK"
+        (ack,) = client._acks.values()
+        ack.set_result(None)  # what the PUBACK does ...
+        publishing.cancel()  # ... and the stop, in the same pass
+        with pytest.raises(asyncio.CancelledError):
+            await publishing
+
+
 async def test_heartbeat_reports_rtt_and_utilisation(fleet: Fleet, broker: Broker) -> None:
     """Heartbeats carry the node's measured round trip to the broker and its utilisation."""
     root = new_root()

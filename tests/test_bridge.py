@@ -75,9 +75,8 @@ class Spy:
     async def expect(self, topic: str, timeout: float = 10.0) -> bytes:
         end = asyncio.get_running_loop().time() + timeout
         while True:
-            t, p = await asyncio.wait_for(
-                self.got.get(), max(0.05, end - asyncio.get_running_loop().time())
-            )
+            async with asyncio.timeout(max(0.05, end - asyncio.get_running_loop().time())):
+                t, p = await self.got.get()
             if t == topic:
                 return p
 
@@ -161,17 +160,20 @@ async def test_bridge_carries_what_it_must_and_nothing_else(fleet: Fleet, broker
         # out: a spill addressed to a cloud node crosses.
         router_site = at_site.client
         await router_site.async_publish(f"{ROOT}/nodes/cloud-1/spill/examples/digits", b"spilled")
-        assert await asyncio.wait_for(inbox.get(), 10) == b"spilled"
+        async with asyncio.timeout(10):
+            assert await inbox.get() == b"spilled"
         # both: replies from the cloud reach a device at the site.
         await node_cloud.async_publish(f"{ROOT}/replies/meter-1/r1", b"answer")
-        assert await asyncio.wait_for(replies.get(), 10) == b"answer"
+        async with asyncio.timeout(10):
+            assert await replies.get() == b"answer"
         # never: the site router's spill topic and device requests stay at the site.
         await node_site.async_publish(f"{ROOT}/spill/examples/digits", b"site-spill")
         assert await at_site.expect(f"{ROOT}/spill/examples/digits") == b"site-spill"
         await node_site.async_publish(f"{ROOT}/nodes/lyon-1/status", b'{"state":"ready","fence":1}')
         # The fence went site -> cloud after the spill: had the spill crossed, it came first.
         while True:
-            topic, payload = await asyncio.wait_for(at_cloud.got.get(), 10)
+            async with asyncio.timeout(10):
+                topic, payload = await at_cloud.got.get()
             assert topic != f"{ROOT}/spill/examples/digits", "spill/# must never cross the bridge"
             if payload == b'{"state":"ready","fence":1}':
                 break

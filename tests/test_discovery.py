@@ -140,9 +140,8 @@ async def _child_agent(args: argparse.Namespace) -> None:
         host_port = re.fullmatch(r"https://\[?([^\]]+?)\]?:(\d+)", found.api_url)
         assert host_port is not None
         try:
-            _, w = await asyncio.wait_for(
-                asyncio.open_connection(host_port[1], int(host_port[2])), 3
-            )
+            async with asyncio.timeout(3):
+                _, w = await asyncio.open_connection(host_port[1], int(host_port[2]))
             w.close()
             _emit("connected")
         except (OSError, TimeoutError) as e:
@@ -237,7 +236,8 @@ class Changes:
                 raise AssertionError(f"no matching change within {timeout} s; saw {self.seen}")
             self._event.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._event.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._event.wait()
 
 
 # -- TXT records: table and bytes from outside -------------------------------------------------
@@ -511,7 +511,8 @@ class Child:
                 i += 1
             remaining = deadline - loop.time()
             try:
-                line = await asyncio.wait_for(self.proc.stdout.readline(), max(remaining, 0.001))
+                async with asyncio.timeout(max(remaining, 0.001)):
+                    line = await self.proc.stdout.readline()
             except TimeoutError:
                 raise AssertionError(
                     f"no matching event in {timeout} s; events {self.events}; "
@@ -534,7 +535,8 @@ class Child:
             with contextlib.suppress(ConnectionError):
                 await self.send("quit")
             try:
-                await asyncio.wait_for(self.proc.wait(), 5)
+                async with asyncio.timeout(5):
+                    await self.proc.wait()
             except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
@@ -753,7 +755,8 @@ async def test_delay_proxy_adds_its_delay_each_way_and_keeps_order() -> None:
                     if i == 1200:
                         proxy.set_delay(0.0)
                     await asyncio.sleep(0)
-                echoed = await asyncio.wait_for(reader.readexactly(len(sent)), 5)
+                async with asyncio.timeout(5):
+                    echoed = await reader.readexactly(len(sent))
                 assert echoed == sent
             finally:
                 writer.close()

@@ -109,7 +109,8 @@ async def test_broker_restart_under_load_loses_no_request(pmesh: ProcessMesh) ->
     async with client as c:
         workers = [asyncio.ensure_future(worker(c, w)) for w in range(8)]
         try:
-            await asyncio.wait_for(reached.wait(), WAIT)
+            async with asyncio.timeout(WAIT):
+                await reached.wait()
             before = sum(answers.values())
             t_kill = time.monotonic()
             pmesh.kill_broker()
@@ -120,10 +121,12 @@ async def test_broker_restart_under_load_loses_no_request(pmesh: ProcessMesh) ->
             # Steady load goes on until well after the broker is back.
             target[0] = sum(answers.values()) + 300
             reached.clear()
-            await asyncio.wait_for(reached.wait(), WAIT)
+            async with asyncio.timeout(WAIT):
+                await reached.wait()
             recovered_s = time.monotonic() - t_back
             stop.set()
-            await asyncio.wait_for(asyncio.gather(*workers), WAIT)
+            async with asyncio.timeout(WAIT):
+                await asyncio.gather(*workers)
         finally:
             for t in workers:
                 t.cancel()

@@ -93,7 +93,9 @@ class Load:
                 False,
                 properties(response_topic=self.reply, correlation=corr),
             )
-            self.answers.append((i % len(self.x), decode_reply(await asyncio.wait_for(fut, 15))))
+            async with asyncio.timeout(15):
+                answer = await fut
+            self.answers.append((i % len(self.x), decode_reply(answer)))
 
     def versions(self) -> set[str]:
         return {a.version for _, a in self.answers[-5:] if isinstance(a, Response)}
@@ -177,7 +179,8 @@ async def test_rolling_update_under_load_fails_nothing(mesh: Mesh) -> None:
     finally:
         load.stop.set()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 20)
+            async with asyncio.timeout(20):
+                await task
         await load.client.async_stop()
     failed = [a for _, a in load.answers if not isinstance(a, Response)]
     assert not failed, failed[:3]

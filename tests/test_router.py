@@ -402,7 +402,8 @@ class Spy:
         await self.client.async_stop()
 
     async def next(self) -> paho.MQTTMessage:
-        return await asyncio.wait_for(self.got.get(), WAIT)
+        async with asyncio.timeout(WAIT):
+            return await self.got.get()
 
 
 async def fence(dev: Device, root: str, *earlier: str) -> None:
@@ -761,7 +762,8 @@ async def test_router_command_runs_and_shuts_down_in_order(fleet: Fleet, broker:
     try:
         assert proc.stderr is not None
         while not any(b"router cli ready" in line for line in lines):
-            line = await asyncio.wait_for(proc.stderr.readline(), WAIT * 2)
+            async with asyncio.timeout(WAIT * 2):
+                line = await proc.stderr.readline()
             assert line, f"router exited: {b''.join(lines).decode(errors='replace')}"
             lines.append(line)
         async with (
@@ -784,8 +786,10 @@ async def test_router_command_runs_and_shuts_down_in_order(fleet: Fleet, broker:
             assert f'fnmesh_router_answered_total{{code="not_found"}} {by_cli:.1f}' in text
 
             proc.send_signal(signal.SIGTERM)
-            rest = await asyncio.wait_for(proc.stderr.read(), WAIT)
-            assert await asyncio.wait_for(proc.wait(), WAIT) == 0, rest.decode(errors="replace")
+            async with asyncio.timeout(WAIT):
+                rest = await proc.stderr.read()
+                code = await proc.wait()
+            assert code == 0, rest.decode(errors="replace")
             assert b"router cli stopped" in rest
 
             # Every request now reaches the router that is left.

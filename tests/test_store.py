@@ -478,7 +478,9 @@ async def test_check_reports_dangling_rows(tmp_path: Path, blobs: BlobStore) -> 
     # Rows the foreign keys would refuse, written behind the store's back.
     raw = sqlite3.connect(path)
     raw.execute("PRAGMA foreign_keys=OFF")
-    raw.execute("INSERT INTO deployments VALUES ('ns/f', '3.0.0', 1, 1, '{}', 0, '2.0.0', 1, 0.0, NULL)")
+    raw.execute(
+        "INSERT INTO deployments VALUES ('ns/f', '3.0.0', 1, 1, '{}', 0, '2.0.0', 1, 0.0, NULL)"
+    )
     raw.execute("INSERT INTO placements VALUES ('ns/g', 'n1', '1.0.0', 0.0)")
     raw.commit()
     raw.close()

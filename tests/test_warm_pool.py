@@ -118,10 +118,12 @@ async def test_concurrent_acquires_share_one_load() -> None:
     pool, loader, _, _ = make_pool()
     gate = loader.gate(A)
     tasks = [asyncio.create_task(pool.async_acquire(A)) for _ in range(5)]
-    await asyncio.wait_for(loader.started[A].wait(), WAIT)
+    async with asyncio.timeout(WAIT):
+        await loader.started[A].wait()
     assert not any(t.done() for t in tasks)
     gate.set()
-    results = await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
+    async with asyncio.timeout(WAIT):
+        results = await asyncio.gather(*tasks)
     assert loader.calls == [A]
     assert len({id(ex) for ex, _ in results}) == 1
     assert all(cold for _, cold in results)
@@ -138,10 +140,12 @@ async def test_giving_up_does_not_cancel_the_shared_load() -> None:
     gate = loader.gate(A)
     quitter = asyncio.create_task(pool.async_acquire(A))
     stayer = asyncio.create_task(pool.async_acquire(A))
-    await asyncio.wait_for(loader.started[A].wait(), WAIT)
+    async with asyncio.timeout(WAIT):
+        await loader.started[A].wait()
     quitter.cancel()
     gate.set()
-    ex, cold = await asyncio.wait_for(stayer, WAIT)
+    async with asyncio.timeout(WAIT):
+        ex, cold = await stayer
     assert cold
     assert quitter.cancelled()
     assert loader.calls == [A]
@@ -207,10 +211,12 @@ async def test_size_hint_makes_room_before_loading() -> None:
             pass
     gate = loader.gate(C)
     task = asyncio.create_task(pool.async_acquire(C, size_hint=100))
-    await asyncio.wait_for(loader.started[C].wait(), WAIT)
+    async with asyncio.timeout(WAIT):
+        await loader.started[C].wait()
     assert unloaded == [(A, "evicted")]  # already gone while C is still loading
     gate.set()
-    ex, _ = await asyncio.wait_for(task, WAIT)
+    async with asyncio.timeout(WAIT):
+        ex, _ = await task
     pool.release(ex)
     with pytest.raises(CapacityError):
         await pool.async_acquire(D, size_hint=5000)
@@ -258,7 +264,8 @@ async def test_sweeper_task_unloads_and_stops_on_close() -> None:
         pass
     clock.now += 11
     sweeper = pool.start_sweeper(0.01)
-    await asyncio.wait_for(expired.wait(), WAIT)
+    async with asyncio.timeout(WAIT):
+        await expired.wait()
     assert not pool.is_warm(A)
     await pool.async_close()
     assert sweeper.done()
@@ -301,7 +308,8 @@ async def test_failed_load_reaches_every_waiter_and_is_retried() -> None:
     loader.fail.add(A)
     gate = loader.gate(A)
     tasks = [asyncio.create_task(pool.async_acquire(A)) for _ in range(3)]
-    await asyncio.wait_for(loader.started[A].wait(), WAIT)
+    async with asyncio.timeout(WAIT):
+        await loader.started[A].wait()
     gate.set()
     results = await asyncio.gather(*tasks, return_exceptions=True)
     assert all(isinstance(r, ExecutorError) for r in results)
@@ -333,7 +341,8 @@ async def test_close_drains_leases_then_unloads() -> None:
         await pool.async_acquire(C)
     assert not closing.done()
     pool.release(held)
-    await asyncio.wait_for(closing, WAIT)
+    async with asyncio.timeout(WAIT):
+        await closing
     assert all(ex.closed for ex in loader.made)
     assert sorted(unloaded) == [(A, "closed"), (B, "closed")]
     assert pool.stats().bytes == 0
@@ -352,10 +361,12 @@ async def test_close_waits_for_loads_in_flight() -> None:
     pool, loader, _, _ = make_pool()
     gate = loader.gate(A)
     waiter = asyncio.create_task(pool.async_acquire(A))
-    await asyncio.wait_for(loader.started[A].wait(), WAIT)
+    async with asyncio.timeout(WAIT):
+        await loader.started[A].wait()
     closing = asyncio.create_task(pool.async_close(timeout_s=WAIT))
     gate.set()
-    await asyncio.wait_for(closing, WAIT)
+    async with asyncio.timeout(WAIT):
+        await closing
     with pytest.raises(PoolClosedError):
         await waiter
     assert loader.made[0].closed

@@ -525,7 +525,8 @@ async def find_coordinator(
         azc.zeroconf, [COORDINATOR_SERVICE], handlers=[on_change], question_type=DNSQuestionType.QM
     )
     try:
-        return await asyncio.wait_for(asyncio.shield(found), timeout)
+        async with asyncio.timeout(timeout):
+            return await asyncio.shield(found)
     except TimeoutError:
         extra = f" ({len(others)} of other fleets ignored)" if others else ""
         raise DiscoveryError(

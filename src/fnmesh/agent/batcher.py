@@ -136,7 +136,8 @@ class Batcher:
         if task is None or task.done():
             return True
         try:
-            await asyncio.wait_for(asyncio.shield(task), timeout)
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(task)
             return True
         except TimeoutError:
             return False

@@ -389,7 +389,8 @@ class Agent:
         await self.service.async_close(max(0.5, end - loop.time()) * 0.6)
         if self.mqtt.connected:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.presence.async_publish_status("offline"), 2)
+                async with asyncio.timeout(2):
+                    await self.presence.async_publish_status("offline")
         await self.mqtt.async_stop(timeout=max(0.5, end - loop.time()) / 2)
         if self._runner is not None:
             await self._runner.cleanup()

@@ -278,7 +278,8 @@ class MqttClient:
         self._loop = asyncio.get_running_loop()
         self._closing = False
         try:
-            await asyncio.wait_for(self._async_connect_once(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._async_connect_once()
         except TimeoutError as e:
             raise TransportError(
                 f"no answer from the broker at {self.url.host}:{self.url.port} in {timeout:.0f} s"
@@ -305,7 +306,8 @@ class MqttClient:
         fut = asyncio.get_running_loop().create_future()
         self._acks[info.mid] = fut
         try:
-            await asyncio.wait_for(fut, timeout)
+            async with asyncio.timeout(timeout):
+                await fut
         finally:
             self._acks.pop(info.mid, None)
 
@@ -330,7 +332,8 @@ class MqttClient:
             self._c.disconnect()
             # Let the loop flush the DISCONNECT packet before the socket goes.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wait_closed(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wait_closed()
         self._drop_socket()
         for fut in self._acks.values():
             if not fut.done():

@@ -271,7 +271,8 @@ class WarmPool:
         remaining = deadline - asyncio.get_running_loop().time()
         if not self._idle.is_set():
             try:
-                await asyncio.wait_for(self._idle.wait(), timeout=max(0.0, remaining))
+                async with asyncio.timeout(max(0.0, remaining)):
+                    await self._idle.wait()
             except TimeoutError:
                 busy = sorted({e.key for e in self._by_executor.values() if e.refs > 0})
                 _log.warning("warm pool closing with leases still held on %s", busy)

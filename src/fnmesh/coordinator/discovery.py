@@ -313,7 +313,8 @@ class AgentBrowser:
         try:
             if waiting:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(done.wait(), timeout)
+                    async with asyncio.timeout(timeout):
+                        await done.wait()
         finally:
             self._sweep = None
         silent = [k for k in everyone if self._heard.get(k, 0.0) < started]

@@ -70,7 +70,8 @@ class MqttInvoker:
             ),
         )
         try:
-            body, ct = await asyncio.wait_for(fut, timeout)
+            async with asyncio.timeout(timeout):
+                body, ct = await fut
         except TimeoutError:
             self._waiting.pop(corr, None)
             rid, _ = peek_envelope(payload, content_type)

@@ -258,7 +258,8 @@ class RouterClient(MqttClient):
     async def async_wait_subscribed(self, timeout: float = 10.0) -> None:
         """Until every subscription is acknowledged; a refused one is a TransportError."""
         try:
-            await asyncio.wait_for(self._subscribed.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._subscribed.wait()
         except TimeoutError as e:
             raise TransportError(f"no SUBACK from the broker in {timeout:.0f} s") from e
         if self._refused_subs:
@@ -275,7 +276,8 @@ class RouterClient(MqttClient):
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._unsubacks[mid] = fut
         try:
-            await asyncio.wait_for(fut, timeout)
+            async with asyncio.timeout(timeout):
+                await fut
         finally:
             self._unsubacks.pop(mid, None)
 
@@ -360,7 +362,8 @@ class RouterClient(MqttClient):
 
     async def async_drain(self, timeout: float) -> None:
         """Until every relayed publish is acknowledged (and so every request it came from)."""
-        await asyncio.wait_for(self._idle.wait(), timeout)
+        async with asyncio.timeout(timeout):
+            await self._idle.wait()
 
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, rc: ReasonCode, props: Any
@@ -563,7 +566,8 @@ class Router:
                 raise TimeoutError("the replica table never satisfied the condition")
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), left)
+                async with asyncio.timeout(left):
+                    await self._changed.wait()
 
     # -- control topics ---------------------------------------------------------------
 

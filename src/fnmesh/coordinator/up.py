@@ -385,7 +385,8 @@ async def async_demo(mesh: Mesh, functions: list[str]) -> list[dict[str, Any]]:
                     response_topic=f"{root}/replies/{DEMO_DEVICE}/demo", correlation=fid.encode()
                 ),
             )
-            msg = await asyncio.wait_for(replies.get(), 30)
+            async with asyncio.timeout(30):
+                msg = await replies.get()
             ms = (time.perf_counter() - t) * 1000
             reply = decode_reply(msg.payload)
             if not isinstance(reply, Response):

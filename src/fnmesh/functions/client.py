@@ -710,7 +710,8 @@ class AsyncMeshClient(_Base):
         self._started = True
         self._link.start()
         try:
-            await asyncio.wait_for(self._ready_ev.wait(), self.connect_timeout_s)
+            async with asyncio.timeout(self.connect_timeout_s):
+                await self._ready_ev.wait()
         except TimeoutError:
             why = self._link.error or "no answer from the broker"
             await self.close()
@@ -754,7 +755,8 @@ class AsyncMeshClient(_Base):
             call.send()
             while True:
                 try:
-                    got = await asyncio.wait_for(q.get(), call.next_wait())
+                    async with asyncio.timeout(call.next_wait()):
+                        got = await q.get()
                 except TimeoutError:
                     call.on_silence()
                     continue

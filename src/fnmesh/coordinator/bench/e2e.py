@@ -131,7 +131,8 @@ async def _measure(
     ready = asyncio.Event()
     client.subscribe(f"{root}/replies/{DEMO_DEVICE}/echo-ready", lambda m: ready.set())
     await client.async_start()
-    await asyncio.wait_for(ready.wait(), 30)
+    async with asyncio.timeout(30):
+        await ready.wait()
     digits = build_example("digits")
     x = digits.sample_inputs(64, seed=3)["image"]
     payloads = [encode_request({"image": x[i : i + 1]}, Encoding.MSGPACK) for i in range(64)]

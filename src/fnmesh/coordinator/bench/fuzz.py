@@ -432,7 +432,8 @@ async def _fence(
         qos=1,
         props=properties(response_topic=topic),
     )
-    await asyncio.wait_for(fut, 30)
+    async with asyncio.timeout(30):
+        await fut
 
 
 def _check(

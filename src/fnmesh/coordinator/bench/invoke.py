@@ -100,7 +100,8 @@ class Device:
         out = []
         for i in range(n):
             t = time.perf_counter()
-            await asyncio.wait_for(self.send(topic, payloads[i % len(payloads)]), 10)
+            async with asyncio.timeout(10):
+                await self.send(topic, payloads[i % len(payloads)])
             out.append((time.perf_counter() - t) * 1000)
         return out
 
@@ -134,7 +135,8 @@ class Device:
         for _ in range(min(inflight, n)):
             sent += 1
             self.send(topic, payloads[sent % len(payloads)]).add_done_callback(one_done)
-        await asyncio.wait_for(finished, 120)
+        async with asyncio.timeout(120):
+            await finished
         return n / (time.perf_counter() - t)
 
 
@@ -180,7 +182,8 @@ async def wait_status(
     )
     end = time.monotonic() + timeout
     while True:
-        msg = await asyncio.wait_for(got.get(), max(0.1, end - time.monotonic()))
+        async with asyncio.timeout(max(0.1, end - time.monotonic())):
+            msg = await got.get()
         if pred(msg):
             return msg
 
@@ -283,7 +286,8 @@ async def _run(n: int, inflight: int, progress: Callable[[str], None]) -> dict[s
                 "bench-1",
                 lambda s: len(s.get("functions", {})) == 3 and s.get("state") == "ready",
             )
-            await asyncio.wait_for(echo_ready.wait(), 30)
+            async with asyncio.timeout(30):
+                await echo_ready.wait()
 
             x1 = digits.sample_inputs(64, seed=1)["image"]
             dig_payloads = [
@@ -346,9 +350,8 @@ async def _run(n: int, inflight: int, progress: Callable[[str], None]) -> dict[s
                     lambda s: "loaded" in s and "examples/mlp@1.0.0" not in s["loaded"],
                 )
                 t = time.perf_counter()
-                await asyncio.wait_for(
-                    device.send(f"{ROOT}/nodes/bench-1/invoke/examples/mlp", mlp_payloads[0]), 30
-                )
+                async with asyncio.timeout(30):
+                    await device.send(f"{ROOT}/nodes/bench-1/invoke/examples/mlp", mlp_payloads[0])
                 colds.append((time.perf_counter() - t) * 1000)
             res.put("cold_mlp_ms", statistics.median(colds))
             # A cold start follows an idle spell (the agent unloads after IDLE_TTL_S): the bare

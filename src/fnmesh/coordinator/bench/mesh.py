@@ -317,7 +317,8 @@ class ProcessMesh:
                 changed.clear()
                 # Also wake up now and then to notice a process that died.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), min(left, 0.5))
+                    async with asyncio.timeout(min(left, 0.5)):
+                        await changed.wait()
         finally:
             await watcher.async_stop()
 

@@ -298,7 +298,8 @@ class OpenLoad:
         if len(out.answers) >= out.sent:
             self._all_in.set()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._all_in.wait(), drain_s)
+            async with asyncio.timeout(drain_s):
+                await self._all_in.wait()
         out.wall_s = time.perf_counter() - t0
         self._outcome = None
         return out
@@ -400,7 +401,8 @@ async def overload_mesh(
             },
         )
         for agent in (edge, cloud):
-            await asyncio.wait_for(agent.assignments.applied.wait(), 30.0)
+            async with asyncio.timeout(30.0):
+                await agent.assignments.applied.wait()
         started.append(router)
         await router.async_start()
         started.append(client)
@@ -431,7 +433,9 @@ async def async_warm(mesh: OverloadMesh, inputs: Mapping[str, np.ndarray], n: in
             qos=1,
             props=properties(content_type=Encoding.MSGPACK.content_type, response_topic=reply),
         )
-        body = decode_reply(await asyncio.wait_for(got.get(), 30.0), Encoding.MSGPACK.content_type)
+        async with asyncio.timeout(30.0):
+            msg = await got.get()
+        body = decode_reply(msg, Encoding.MSGPACK.content_type)
         if not isinstance(body, Response):
             raise RuntimeError(f"warm-up request failed: {body}")
     return mesh.capacity_rps()
