@@ -122,7 +122,8 @@ def _no_leaked_threads() -> Iterator[None]:
         if t not in before
         and t.is_alive()
         and not t.daemon
-        and not t.name.startswith("fnmesh-digest")
+        # Process-wide pools, started once and kept: the tree digest's, the bundle checks'.
+        and not t.name.startswith(("fnmesh-digest", "fnmesh-check"))
     ]
     for t in leaked:
         t.join(timeout=5)

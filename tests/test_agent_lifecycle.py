@@ -29,6 +29,7 @@ from agent_support import (
     running_agent,
 )
 from conftest import SCALE, Broker, Fleet
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from onnx import TensorProto, helper, numpy_helper
 
 from fnmesh.agent.cache import BundleCache, RollbackError
@@ -37,9 +38,10 @@ from fnmesh.certs import keywrap
 from fnmesh.certs.errors import KeyWrapError
 from fnmesh.functions import bundle as fnb
 from fnmesh.functions.bundle import Bundle
-from fnmesh.functions.errors import BundleError
+from fnmesh.functions.errors import BundleError, SignatureError
 from fnmesh.functions.examples.models import build_example
 from fnmesh.functions.messages import ErrorCode
+from fnmesh.functions.seal import aad_for
 
 DIGITS = build_example("digits")
 
@@ -395,6 +397,85 @@ def test_disk_budget_removes_unpinned_least_recently_used(fleet: Fleet, tmp_path
     assert cache.usage() <= budget
     # What is left still opens.
     assert cache.open(d).manifest.version == "1.0.3"
+
+
+class _Loaded:
+    """What a loader returns: the bytes it was given, and whether it was closed."""
+
+    def __init__(self, model: bytes) -> None:
+        self.model = model
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_parallel_load_hands_over_only_a_verified_model(fleet: Fleet, tmp_path: Path) -> None:
+    """A repeat load parses alongside the checks; a model that fails them is closed, not served.
+
+    The forged ciphertext is sealed under the bundle's real data key (what a holder of that
+    key could make), so AES-GCM's tag passes and only the signed plaintext digest catches it.
+    """
+    node = fleet.node(NODE)
+    assert node.enc_key is not None
+    cache = BundleCache(tmp_path / "cache", node.cn, node.enc_key, fleet.trust)
+    stored = cache.put(build_bundle(fleet, "digits"))
+    model = stored.open(fleet.trust, node.cn, node.enc_key)
+    given: list[_Loaded] = []
+
+    def loader(b: bytes, m: object) -> _Loaded:
+        given.append(_Loaded(b))
+        return given[-1]
+
+    for _ in range(2):  # the first load checks the graph, then parses; the second overlaps
+        _, loaded = cache.load(stored.digest, loader)
+        assert loaded.model == model and not loaded.closed
+    m = stored.manifest
+    dk = stored.data_key(node.cn, node.enc_key)
+    other = bytearray(model)
+    other[len(other) // 2] ^= 1
+    forged = fnb.Bundle(
+        **{
+            **{f: getattr(stored, f) for f in stored.__dataclass_fields__},
+            "ciphertext": memoryview(
+                AESGCM(dk).encrypt(
+                    bytes.fromhex(m.digests.nonce), bytes(other), aad_for(m.name, m.version)
+                )
+            ),
+        }
+    )
+    assert forged.digest == stored.digest  # the ciphertext is not part of what names a bundle
+    cache.path(stored.digest).write_bytes(forged.to_bytes())
+    with pytest.raises(BundleError, match="plaintext digest"):
+        cache.load(stored.digest, loader)
+    assert given[-1].model == bytes(other) and given[-1].closed, "the forged model was kept"
+    # A node that has not checked this graph yet checks everything before the runtime parses.
+    fresh = BundleCache(tmp_path / "cache", node.cn, node.enc_key, fleet.trust)
+    before = len(given)
+    with pytest.raises(BundleError, match="plaintext digest"):
+        fresh.load(stored.digest, loader)
+    assert len(given) == before, "the runtime saw bytes that had not been checked"
+
+
+def test_parallel_load_still_checks_revocation(fleet: Fleet, tmp_path: Path) -> None:
+    """A repeat load reuses the bundle's parsed head, not its verdict: a revoked publisher fails."""
+    node = fleet.node(NODE)
+    assert node.enc_key is not None
+    cache = BundleCache(tmp_path / "cache", node.cn, node.enc_key, fleet.trust)
+    stored = cache.put(build_bundle(fleet, "digits"))
+    given: list[_Loaded] = []
+
+    def loader(b: bytes, m: object) -> _Loaded:
+        given.append(_Loaded(b))
+        return given[-1]
+
+    for _ in range(2):
+        cache.load(stored.digest, loader)
+    fleet.ca.revoke(fleet.publisher.cn)
+    cache.trust = fleet.trust  # what the agent does when a new revocation list arrives
+    with pytest.raises(SignatureError, match="revoked"):
+        cache.load(stored.digest, loader)
+    assert len(given) == 3 and given[-1].closed
 
 
 TAMPERS = {

@@ -14,12 +14,16 @@ rollback order it has checked.
 
 from __future__ import annotations
 
+import atexit
 import hmac
 import json
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -29,7 +33,25 @@ from fnmesh.certs.home import write_atomic
 from fnmesh.certs.trust import TrustStore
 from fnmesh.functions.bundle import Bundle
 from fnmesh.functions.errors import BundleError
-from fnmesh.functions.manifest import Manifest, semver_key
+from fnmesh.functions.manifest import Manifest, Runtime, semver_key
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+L = TypeVar("L", bound=_Closable)
+
+_checks: ThreadPoolExecutor | None = None
+
+
+def _checker() -> ThreadPoolExecutor:
+    """One thread per process for the checks that run beside a runtime's parse."""
+    global _checks
+    if _checks is None:
+        _checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fnmesh-check")
+        atexit.register(_checks.shutdown, wait=False)
+    return _checks
 
 
 class RollbackError(BundleError):
@@ -43,6 +65,14 @@ class Opened:
     manifest: Manifest
     model: bytes
     digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Known:
+    """A cached bundle checked whole once: its parsed head (no ciphertext) and data key."""
+
+    head: Bundle
+    data_key: bytes
 
 
 class BundleCache:
@@ -67,6 +97,8 @@ class BundleCache:
         self._versions: dict[str, str] = self._read_versions()
         #: Plaintext digests whose graph passed the checks in this process.
         self._graph_checked: set[str] = set()
+        #: Cached bundles loaded whole in this process, for :meth:`load` (memory only).
+        self._known: dict[str, _Known] = {}
 
     def path(self, digest: str) -> Path:
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
@@ -93,6 +125,55 @@ class BundleCache:
         self.cleanup(pinned | {bundle.digest})
         return mine
 
+    def load(
+        self,
+        digest: str,
+        loader: Callable[[bytes, Manifest], L],
+        *,
+        allow_rollback: bool = False,
+    ) -> tuple[Manifest, L]:
+        """What :meth:`open` checks, with ``loader`` (the runtime's parse) run alongside.
+
+        The first load of a cached ONNX bundle in this process is checked whole,
+        graph included, before ``loader`` sees a byte; it leaves in memory the
+        bundle's parsed head and data key. Later loads read only the ciphertext,
+        decrypt it under that key and hand the AES-GCM-authenticated bytes to
+        ``loader`` while another thread checks the keys section's MAC, the
+        signature, chain, revocation, dates and the plaintext digest; the loaded
+        model is returned only when every check passes, and closed otherwise.
+        Authenticated bytes were sealed by a holder of the data key (the
+        publisher and this bundle's nodes), so the runtime never parses bytes
+        from anyone else, and no request runs on them before the checks pass.
+        TensorRT plans are always checked whole first.
+        """
+        known = self._known.get(digest)
+        bundle = self._read_ciphertext(digest, known) if known is not None else None
+        if bundle is None or known is None:
+            bundle = self._read(digest)
+            self.check_version(bundle.manifest, allow_rollback=allow_rollback)
+            opened = self._open(bundle)
+            return opened.manifest, loader(opened.model, opened.manifest)
+        m = bundle.manifest
+        self.check_version(m, allow_rollback=allow_rollback)
+        model = bundle.decrypt_authenticated(known.data_key)
+        checking = _checker().submit(self._check_opened, bundle, known.data_key, model)
+        try:
+            loaded = loader(model, m)
+        except BaseException:
+            checking.result()  # a failed check says more than the runtime's complaint
+            raise
+        try:
+            checking.result()
+        except BaseException:
+            loaded.close()
+            raise
+        return m, loaded
+
+    def _check_opened(self, bundle: Bundle, data_key: bytes, model: bytes) -> None:
+        bundle.check_data_key(data_key)
+        bundle.verify(self.trust, ciphertext_digest=False)
+        bundle.check_plaintext(model)
+
     def open(self, digest: str, *, allow_rollback: bool = False) -> Opened:
         """Verify, then decrypt into memory. Refuses a version older than the highest run.
 
@@ -104,6 +185,11 @@ class BundleCache:
         here, because any change to the ciphertext fails the tag, and a
         ciphertext that decrypts to other bytes fails the plaintext digest.
         """
+        bundle = self._read(digest)
+        self.check_version(bundle.manifest, allow_rollback=allow_rollback)
+        return self._open(bundle)
+
+    def _read(self, digest: str) -> Bundle:
         path = self.path(digest)
         try:
             data = path.read_bytes()
@@ -113,12 +199,33 @@ class BundleCache:
         bundle = Bundle.parse(data)
         if bundle.digest != digest:
             raise AgentError(f"cached file {path.name} holds bundle {bundle.digest[:12]}")
-        self.check_version(bundle.manifest, allow_rollback=allow_rollback)
-        model = bundle.open(
-            self.trust, self.node_cn, self._key, check_graph=False, ciphertext_digest=False
-        )
+        return bundle
+
+    def _read_ciphertext(self, digest: str, known: _Known) -> Bundle | None:
+        """The known head with the ciphertext read afresh; None if the file's size changed."""
+        path = self.path(digest)
+        offset = known.head.ciphertext_offset
+        size = known.head.manifest.digests.plaintext_size + 16
+        try:
+            with path.open("rb") as f:
+                if os.fstat(f.fileno()).st_size != offset + size:
+                    return None  # changed on disk: the whole-file path says how
+                f.seek(offset)
+                ciphertext = f.read()
+        except FileNotFoundError as e:
+            raise AgentError(f"bundle {digest[:12]} is not in the cache") from e
+        os.utime(path)
+        return replace(known.head, ciphertext=memoryview(ciphertext))
+
+    def _open(self, bundle: Bundle) -> Opened:
+        bundle.verify(self.trust, ciphertext_digest=False)
+        data_key = bundle.data_key(self.node_cn, self._key)
+        model = bundle.decrypt(data_key)
         self._check_model(bundle, model)
-        return Opened(bundle.manifest, model, digest)
+        if bundle.manifest.runtime is Runtime.ONNX:
+            head = replace(bundle, ciphertext=memoryview(b""))
+            self._known[bundle.digest] = _Known(head, data_key)
+        return Opened(bundle.manifest, model, bundle.digest)
 
     def _check_model(self, bundle: Bundle, model: bytes) -> None:
         """Check the graph once per process: the same plaintext digest means the same graph."""
@@ -208,6 +315,7 @@ class BundleCache:
                 continue
             size = p.stat().st_size
             p.unlink(missing_ok=True)
+            self._known.pop(digest, None)
             total -= size
             removed.append(digest)
         # Leftovers of writes interrupted by a crash are never valid bundles.

@@ -293,11 +293,14 @@ class Agent:
         slot = self.service.slot_for_key(key)
         if slot is None:
             raise IdentityError(f"{key[0]}@{key[1]} is not assigned to this node")
-        opened = self.cache.open(slot.digest, allow_rollback=slot.allow_rollback)
-        ex = load_executor(
-            opened.model, opened.manifest, self.hardware, intra_op_threads=self.cfg.intra_op_threads
+        manifest, ex = self.cache.load(
+            slot.digest,
+            lambda model, m: load_executor(
+                model, m, self.hardware, intra_op_threads=self.cfg.intra_op_threads
+            ),
+            allow_rollback=slot.allow_rollback,
         )
-        self.cache.mark_run(opened.manifest)
+        self.cache.mark_run(manifest)
         return ex
 
     async def async_serve_bundle(self, data: bytes, *, prewarm: bool = True) -> Bundle:

@@ -53,7 +53,14 @@ from fnmesh.functions.manifest import (
     canonical_json,
     split_function_id,
 )
-from fnmesh.functions.seal import aad_for, keys_mac, seal, unseal
+from fnmesh.functions.seal import (
+    aad_for,
+    check_plaintext,
+    keys_mac,
+    open_authenticated,
+    seal,
+    unseal,
+)
 
 MAGIC_PREFIX = b"FNMESHB"
 MAGIC = MAGIC_PREFIX + bytes([FORMAT_MAJOR])
@@ -184,9 +191,22 @@ class Bundle:
         if wrapped is None:
             raise KeyWrapError(f"bundle has no data key wrapped for {recipient}")
         dk = keywrap.unwrap(wrapped, key, bytes.fromhex(self.digest), suite=self.suite)
-        if not hmac.compare_digest(keys_mac(dk, self.keys_bytes), self.keys_mac):
-            raise IntegrityError("wrapped-keys section was changed (MAC mismatch)")
+        self.check_data_key(dk)
         return dk
+
+    def check_data_key(self, data_key: bytes) -> None:
+        """The keys section's MAC must check under ``data_key`` (a key unwrapped earlier)."""
+        if not self._keys_mac_ok(data_key):
+            raise IntegrityError("wrapped-keys section was changed (MAC mismatch)")
+
+    def _keys_mac_ok(self, data_key: bytes) -> bool:
+        return hmac.compare_digest(keys_mac(data_key, self.keys_bytes), self.keys_mac)
+
+    @property
+    def ciphertext_offset(self) -> int:
+        """Where the ciphertext starts in :meth:`to_bytes` (it runs to the end)."""
+        sections = len(self.manifest_bytes) + len(self.signatures_bytes) + len(self.keys_bytes)
+        return len(MAGIC) + 3 * 4 + sections + MAC_BYTES + 8
 
     def decrypt(self, data_key: bytes) -> bytes:
         d = self.manifest.digests
@@ -198,6 +218,18 @@ class Bundle:
             d.plaintext,
         )
 
+    def decrypt_authenticated(self, data_key: bytes) -> bytes:
+        """Decrypt checking AES-GCM's tag only; the bytes are not yet known to be the signed
+        model until :meth:`verify` and :meth:`check_plaintext` pass."""
+        m = self.manifest
+        return open_authenticated(
+            self.ciphertext, data_key, bytes.fromhex(m.digests.nonce), aad_for(m.name, m.version)
+        )
+
+    def check_plaintext(self, model: bytes) -> None:
+        """The decrypted model must hash to the signed plaintext digest."""
+        check_plaintext(model, self.manifest.digests.plaintext)
+
     def open(
         self,
         trust: TrustStore,
@@ -206,13 +238,9 @@ class Bundle:
         *,
         at: datetime | None = None,
         check_graph: bool = True,
-        ciphertext_digest: bool = True,
     ) -> bytes:
-        """Verify, then decrypt; returns the model bytes (memory only).
-
-        ``ciphertext_digest`` is passed to :meth:`verify`.
-        """
-        self.verify(trust, at=at, ciphertext_digest=ciphertext_digest)
+        """Verify, then decrypt; returns the model bytes (memory only)."""
+        self.verify(trust, at=at)
         model = self.decrypt(self.data_key(recipient, key))
         if check_graph:
             self.check_model(model)
@@ -228,7 +256,7 @@ class Bundle:
     def rewrap(self, data_key: bytes, recipients: Mapping[str, X25519PublicKey]) -> Bundle:
         """A copy with the data key also wrapped for ``recipients`` (the caller holds the key)."""
         # Check the key is right before vouching for it with a new MAC.
-        if not hmac.compare_digest(keys_mac(data_key, self.keys_bytes), self.keys_mac):
+        if not self._keys_mac_ok(data_key):
             raise IntegrityError("data key does not belong to this bundle")
         wrapped = dict(self.wrapped)
         bound = bytes.fromhex(self.digest)
@@ -241,7 +269,7 @@ class Bundle:
 
     def only_for(self, data_key: bytes, recipient: str, pub: X25519PublicKey) -> Bundle:
         """A copy whose only wrapped key is for ``recipient``: what a node is given."""
-        if not hmac.compare_digest(keys_mac(data_key, self.keys_bytes), self.keys_mac):
+        if not self._keys_mac_ok(data_key):
             raise IntegrityError("data key does not belong to this bundle")
         bound = bytes.fromhex(self.digest)
         wrapped = {recipient: keywrap.wrap(data_key, pub, bound)}
