@@ -115,7 +115,7 @@ def test_build_open_round_trip_runs(fleet: Fleet) -> None:
     assert m.outputs == (TensorSpec(name="y", dtype="float32", shape=("N", 3)),)
     assert m.data.regions == ("eu",) and m.limits.max_batch == 8
     assert sorted(parsed.wrapped) == sorted([fleet.coordinator.cn, "node.lyon-1"])
-    assert parsed.verify(fleet.trust).cn == fleet.publisher.cn
+    assert parsed.verify(fleet.trust).publisher.cn == fleet.publisher.cn
     model = open_as(fleet, data)
     assert model == MODEL
     x = np.ones((2, 4), np.float32)
@@ -203,6 +203,19 @@ def test_signature_over_other_bytes_refused(fleet: Fleet) -> None:
     forged = replace(a, signatures_bytes=b.signatures_bytes)
     with pytest.raises(SignatureError, match="does not match"):
         open_as(fleet, forged)
+
+
+def test_verdict_holds_only_under_the_same_trust_and_within_every_date(fleet: Fleet) -> None:
+    """A verdict may stand in for checking the same bytes again: same store, inside all dates."""
+    b = build(fleet, valid_days=30)
+    v = b.verify(fleet.trust)
+    cert = fleet.publisher.cert
+    assert v.valid_until == min(b.manifest.not_after, cert.not_valid_after_utc)
+    assert v.valid_from == max(b.manifest.not_before, cert.not_valid_before_utc)
+    assert v.holds(v.trust)
+    assert not v.holds(fleet.trust), "another trust store (say, a new CRL) must check again"
+    assert not v.holds(v.trust, at=v.valid_until + timedelta(seconds=1))
+    assert not v.holds(v.trust, at=v.valid_from - timedelta(seconds=1))
 
 
 def test_revoked_publisher_refused(fleet: Fleet) -> None:

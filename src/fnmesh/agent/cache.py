@@ -31,7 +31,7 @@ from fnmesh.agent.errors import AgentError
 from fnmesh.certs import keywrap
 from fnmesh.certs.home import write_atomic
 from fnmesh.certs.trust import TrustStore
-from fnmesh.functions.bundle import Bundle
+from fnmesh.functions.bundle import Bundle, Verdict
 from fnmesh.functions.errors import BundleError
 from fnmesh.functions.manifest import Manifest, Runtime, semver_key
 
@@ -73,6 +73,7 @@ class _Known:
 
     head: Bundle
     data_key: bytes
+    verdict: Verdict
 
 
 class BundleCache:
@@ -156,7 +157,7 @@ class BundleCache:
         m = bundle.manifest
         self.check_version(m, allow_rollback=allow_rollback)
         model = bundle.decrypt_authenticated(known.data_key)
-        checking = _checker().submit(self._check_opened, bundle, known.data_key, model)
+        checking = _checker().submit(self._check_known, bundle, known, model)
         try:
             loaded = loader(model, m)
         except BaseException:
@@ -169,9 +170,13 @@ class BundleCache:
             raise
         return m, loaded
 
-    def _check_opened(self, bundle: Bundle, data_key: bytes, model: bytes) -> None:
-        bundle.check_data_key(data_key)
-        bundle.verify(self.trust, ciphertext_digest=False)
+    def _check_known(self, bundle: Bundle, known: _Known, model: bytes) -> None:
+        bundle.check_data_key(known.data_key)
+        # The head is the one checked before (it is kept in memory, not read again): while
+        # its verdict holds (same trust store, within every date) it would pass again.
+        if not known.verdict.holds(self.trust):
+            verdict = bundle.verify_signed(self.trust)
+            self._known[bundle.digest] = replace(known, verdict=verdict)
         bundle.check_plaintext(model)
 
     def open(self, digest: str, *, allow_rollback: bool = False) -> Opened:
@@ -218,13 +223,13 @@ class BundleCache:
         return replace(known.head, ciphertext=memoryview(ciphertext))
 
     def _open(self, bundle: Bundle) -> Opened:
-        bundle.verify(self.trust, ciphertext_digest=False)
+        verdict = bundle.verify(self.trust, ciphertext_digest=False)
         data_key = bundle.data_key(self.node_cn, self._key)
         model = bundle.decrypt(data_key)
         self._check_model(bundle, model)
         if bundle.manifest.runtime is Runtime.ONNX:
             head = replace(bundle, ciphertext=memoryview(b""))
-            self._known[bundle.digest] = _Known(head, data_key)
+            self._known[bundle.digest] = _Known(head, data_key, verdict)
         return Opened(bundle.manifest, model, bundle.digest)
 
     def _check_model(self, bundle: Bundle, model: bytes) -> None:

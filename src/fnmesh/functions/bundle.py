@@ -70,6 +70,26 @@ MAX_SECTION = 16 << 20
 
 
 @dataclass(frozen=True, slots=True)
+class Verdict:
+    """A signed manifest that passed under one trust store, and the span in which that holds.
+
+    The signature and the publisher's chain are facts about fixed bytes, and a
+    trust store is never changed in place (a new revocation list makes a new
+    one), so the same bytes under the same store pass again at any time within
+    both the manifest's dates and the publisher certificate's.
+    """
+
+    publisher: CertInfo
+    trust: TrustStore
+    valid_from: datetime
+    valid_until: datetime
+
+    def holds(self, trust: TrustStore, at: datetime | None = None) -> bool:
+        when = at or datetime.now(UTC)
+        return trust is self.trust and self.valid_from <= when <= self.valid_until
+
+
+@dataclass(frozen=True, slots=True)
 class Bundle:
     """A parsed, not yet trusted, bundle. Fields hold the bytes exactly as received."""
 
@@ -157,16 +177,28 @@ class Bundle:
 
     def verify(
         self, trust: TrustStore, *, at: datetime | None = None, ciphertext_digest: bool = True
-    ) -> CertInfo:
-        """Everything that can be checked without a key. Returns the publisher.
+    ) -> Verdict:
+        """Everything that can be checked without a key. Says who published it.
 
         ``ciphertext_digest=False`` leaves out hashing the ciphertext, for a caller
         that decrypts next and relies on AES-GCM's tag and the signed plaintext
         digest instead (the node's cache, for a bundle checked whole on entry).
         """
+        verdict = self.verify_signed(trust, at=at)
+        m = self.manifest
+        if len(self.ciphertext) != m.digests.plaintext_size + 16:
+            raise IntegrityError("ciphertext length does not match the manifest")
+        if ciphertext_digest and not hmac.compare_digest(
+            tree_sha256(self.ciphertext), m.digests.ciphertext
+        ):
+            raise IntegrityError("ciphertext digest does not match the manifest (tampered)")
+        return verdict
+
+    def verify_signed(self, trust: TrustStore, *, at: datetime | None = None) -> Verdict:
+        """The signed manifest alone: signature, publisher's chain and revocation, dates."""
         when = at or datetime.now(UTC)
         m = self.manifest
-        publisher = verify_manifest(
+        publisher, cert = verify_manifest(
             self.manifest_bytes, m, parse_signatures(self.signatures_bytes), trust, at=when
         )
         if when < m.not_before:
@@ -175,15 +207,14 @@ class Bundle:
             )
         if when > m.not_after:
             raise ExpiredError(f"bundle {m.name}@{m.version} expired at {m.not_after.isoformat()}")
-        if len(self.ciphertext) != m.digests.plaintext_size + 16:
-            raise IntegrityError("ciphertext length does not match the manifest")
         if m.digests.algorithm != ALGORITHM:
             raise IntegrityError(f"unknown digest algorithm {m.digests.algorithm!r}")
-        if ciphertext_digest and not hmac.compare_digest(
-            tree_sha256(self.ciphertext), m.digests.ciphertext
-        ):
-            raise IntegrityError("ciphertext digest does not match the manifest (tampered)")
-        return publisher
+        return Verdict(
+            publisher,
+            trust,
+            max(m.not_before, cert.not_valid_before_utc),
+            min(m.not_after, cert.not_valid_after_utc),
+        )
 
     def data_key(self, recipient: str, key: X25519PrivateKey) -> bytes:
         """Unwrap the data key for ``recipient`` (a CN) and check the keys section's MAC."""

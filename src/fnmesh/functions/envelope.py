@@ -96,8 +96,8 @@ def verify_manifest(
     trust: TrustStore,
     *,
     at: datetime | None = None,
-) -> CertInfo:
-    """Check the publisher's certificate and signature; returns who signed.
+) -> tuple[CertInfo, x509.Certificate]:
+    """Check the publisher's certificate and signature; returns who signed, and their certificate.
 
     The publisher must be the fleet's, in date, unrevoked, a code signer, the
     one the manifest names, and bound to the manifest's namespace.
@@ -129,5 +129,5 @@ def verify_manifest(
                 f"not {manifest.namespace!r}"
             )
             continue
-        return info
+        return info, s.cert
     raise SignatureError("; ".join(errors) or "no valid signature")

@@ -136,7 +136,7 @@ def verify(file: str, home: str | None, as_: str | None, as_json: bool) -> None:
     h = get_home(home)
     trust = TrustStore.from_home(h)
     b = fnb.Bundle.read(file)
-    publisher = b.verify(trust)
+    publisher = b.verify(trust).publisher
     decrypted = False
     if as_:
         ident = lookup.identity_by_cn(h, as_)
