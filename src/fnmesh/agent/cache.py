@@ -4,8 +4,8 @@ What is stored is the bundle as the node received it, reduced to the one data
 key wrapped for this node: the model stays AES-GCM ciphertext on disk, and its
 key is sealed to the node's X25519 key (``enc.key``, mode 0600). Every load
 verifies again (signature, chain, revocation, dates, AES-GCM tag, plaintext
-digest; see :meth:`BundleCache.open`) and decrypts into memory only; no
-plaintext byte is ever written.
+digest; see :meth:`BundleCache.open` and :meth:`BundleCache.load`) and
+decrypts into memory only; no plaintext byte is ever written.
 
 The cache also remembers, across restarts, the highest version it has run
 for each function: an older one is refused unless the caller passes a
@@ -140,11 +140,13 @@ class BundleCache:
 
         The first load of a cached ONNX bundle in this process is checked whole,
         graph included, before ``loader`` sees a byte; it leaves in memory the
-        bundle's parsed head and data key. Later loads read only the ciphertext,
-        decrypt it under that key and hand the AES-GCM-authenticated bytes to
-        ``loader`` while another thread checks the keys section's MAC, the
-        signature, chain, revocation, dates and the plaintext digest; the loaded
-        model is returned only when every check passes, and closed otherwise.
+        bundle's parsed head, data key and signature verdict. Later loads map
+        the file, decrypt the ciphertext under that key and hand the
+        AES-GCM-authenticated bytes to ``loader`` while another thread checks
+        the keys section's MAC, the verdict (the signature is checked again when
+        the trust store changed or a date passed) and the plaintext digest; the
+        loaded model is returned only when every check passes, and closed
+        otherwise.
         Authenticated bytes were sealed by a holder of the data key (the
         publisher and this bundle's nodes), so the runtime never parses bytes
         from anyone else, and no request runs on them before the checks pass.
