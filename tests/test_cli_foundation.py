@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -278,3 +281,39 @@ def test_bench_bundle_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     for k in ("build_MBps", "verify_MBps", "decrypt_MBps", "verify_decrypt_MBps", "baseline_MBps"):
         assert row[k] > 0
     assert row["ratio"] > 0
+
+
+def test_bench_stopped_with_sigterm_stops_what_it_started() -> None:
+    """A benchmark's broker, agent and echo responder do not outlive it."""
+    import psutil
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fnmesh.coordinator.cli.main", "bench", "invoke", "-n", "200"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    children: list[psutil.Process] = []
+    try:
+        me = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            children = me.children(recursive=True)
+            names = " ".join(" ".join(c.cmdline()) for c in children)
+            if "mosquitto" in names and " agent " in names and "bench.echo" in names:
+                break
+            time.sleep(0.05)  # polling for processes to appear, not papering over a race
+        else:
+            pytest.fail(f"the benchmark never started its processes: {children}")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) != 0
+        _, alive = psutil.wait_procs(children, timeout=15)
+        assert not alive, f"left running: {[' '.join(c.cmdline()) for c in alive]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for c in children:  # what a failed run left behind
+            with contextlib.suppress(psutil.NoSuchProcess):
+                c.kill()

@@ -215,6 +215,7 @@ async def _run(n: int, inflight: int, progress: Callable[[str], None]) -> dict[s
         url = f"mqtts://127.0.0.1:{port}"
         home.save_config(home.load_config().override(broker=url, topic_root=ROOT))
         procs: list[subprocess.Popen[bytes]] = []
+        client: MqttClient | None = None
         try:
             digits = build_example("digits")
             mlp = build_example("mlp")
@@ -365,8 +366,9 @@ async def _run(n: int, inflight: int, progress: Callable[[str], None]) -> dict[s
             res.put("raw_cold_mlp_ms", statistics.median(raws))
             # Back to back (hot caches), for reference.
             res.put("raw_cold_hot_mlp_ms", raw_cold(mlp.onnx_bytes, mx[mname][:1], mname))
-            await client.async_stop()
         finally:
+            if client is not None:
+                await client.async_stop()
             for p in procs:
                 p.terminate()
             for p in procs:

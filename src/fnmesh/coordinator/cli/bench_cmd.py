@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+from types import FrameType
+
 import click
 
 from fnmesh.coordinator.cli.common import MeshGroup, json_option, print_json, print_table
@@ -10,6 +13,13 @@ from fnmesh.coordinator.cli.common import MeshGroup, json_option, print_json, pr
 @click.group("bench", cls=MeshGroup)
 def bench() -> None:
     """Benchmarks (figures with their baselines, as ratios)."""
+    # A benchmark starts brokers and agents of its own. Stopped with SIGTERM it unwinds as
+    # on Ctrl-C, stopping them too, instead of leaving them running without it.
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 @bench.command("bundle")
