@@ -122,8 +122,8 @@ def _no_leaked_threads() -> Iterator[None]:
         if t not in before
         and t.is_alive()
         and not t.daemon
-        # Process-wide pools, started once and kept: the tree digest's, the bundle checks'.
-        and not t.name.startswith(("fnmesh-digest", "fnmesh-check"))
+        # Process-wide pools, started once and kept: the tree digest's, the sealed copies'.
+        and not t.name.startswith(("fnmesh-digest", "fnmesh-seal"))
     ]
     for t in leaked:
         t.join(timeout=5)

@@ -399,75 +399,65 @@ def test_disk_budget_removes_unpinned_least_recently_used(fleet: Fleet, tmp_path
     assert cache.open(d).manifest.version == "1.0.3"
 
 
-class _Loaded:
-    """What a loader returns: the bytes it was given, and whether it was closed."""
+def test_repeat_load_opens_the_nodes_sealed_copy(fleet: Fleet, tmp_path: Path) -> None:
+    """After one whole check, a load opens the node's own sealed copy of the verified model.
 
-    def __init__(self, model: bytes) -> None:
-        self.model = model
-        self.closed = False
-
-    def close(self) -> None:
-        self.closed = True
-
-
-def test_parallel_load_hands_over_only_a_verified_model(fleet: Fleet, tmp_path: Path) -> None:
-    """A repeat load parses alongside the checks; a model that fails them is closed, not served.
-
-    The forged ciphertext is sealed under the bundle's real data key (what a holder of that
-    key could make), so AES-GCM's tag passes and only the signed plaintext digest catches it.
+    The forged ciphertext is sealed under the bundle's real data key (what another holder of
+    that key could make): AES-GCM's tag passes and only the signed plaintext digest catches it.
     """
     node = fleet.node(NODE)
     assert node.enc_key is not None
     cache = BundleCache(tmp_path / "cache", node.cn, node.enc_key, fleet.trust)
     stored = cache.put(build_bundle(fleet, "digits"))
+    d = stored.digest
     model = stored.open(fleet.trust, node.cn, node.enc_key)
-    given: list[_Loaded] = []
+    given: list[bytes] = []
 
-    def loader(b: bytes, m: object) -> _Loaded:
-        given.append(_Loaded(b))
-        return given[-1]
+    def loader(b: bytes, m: object) -> bytes:
+        given.append(b)
+        return b
 
-    for _ in range(2):  # the first load checks the graph, then parses; the second overlaps
-        _, loaded = cache.load(stored.digest, loader)
-        assert loaded.model == model and not loaded.closed
+    assert cache.load(d, loader)[1] == model  # checked whole; the sealed copy is written after
+    sealed = cache.sealed_path(d)
+    deadline = time.monotonic() + WAIT
+    while not sealed.exists():
+        assert time.monotonic() < deadline, "no sealed copy was written"
+        time.sleep(0.01)  # polling for a file from another thread, with a deadline
+    assert model[len(model) // 2 : len(model) // 2 + 64] not in sealed.read_bytes()
+    assert cache.usage() >= sealed.stat().st_size + cache.path(d).stat().st_size
+
     m = stored.manifest
     dk = stored.data_key(node.cn, node.enc_key)
     other = bytearray(model)
     other[len(other) // 2] ^= 1
-    forged = fnb.Bundle(
-        **{
-            **{f: getattr(stored, f) for f in stored.__dataclass_fields__},
-            "ciphertext": memoryview(
-                AESGCM(dk).encrypt(
-                    bytes.fromhex(m.digests.nonce), bytes(other), aad_for(m.name, m.version)
-                )
-            ),
-        }
-    )
-    assert forged.digest == stored.digest  # the ciphertext is not part of what names a bundle
-    cache.path(stored.digest).write_bytes(forged.to_bytes())
+    fields = {f: getattr(stored, f) for f in stored.__dataclass_fields__}
+    nonce, aad = bytes.fromhex(m.digests.nonce), aad_for(m.name, m.version)
+    fields["ciphertext"] = memoryview(AESGCM(dk).encrypt(nonce, bytes(other), aad))
+    cache.path(d).write_bytes(fnb.Bundle(**fields).to_bytes())
+    # The repeat load opens the sealed copy: the forged ciphertext is never decrypted.
+    assert cache.load(d, loader)[1] == model
+    # A sealed copy that does not open is dropped, and the bundle is checked whole.
+    blob = bytearray(sealed.read_bytes())
+    blob[-100] ^= 1
+    sealed.write_bytes(bytes(blob))
+    loads = len(given)
     with pytest.raises(BundleError, match="plaintext digest"):
-        cache.load(stored.digest, loader)
-    assert given[-1].model == bytes(other) and given[-1].closed, "the forged model was kept"
-    # A node that has not checked this graph yet checks everything before the runtime parses.
-    fresh = BundleCache(tmp_path / "cache", node.cn, node.enc_key, fleet.trust)
-    before = len(given)
-    with pytest.raises(BundleError, match="plaintext digest"):
-        fresh.load(stored.digest, loader)
-    assert len(given) == before, "the runtime saw bytes that had not been checked"
+        cache.load(d, loader)
+    assert len(given) == loads, "the runtime saw bytes that had not been checked"
+    assert not sealed.exists()
 
 
-def test_parallel_load_still_checks_revocation(fleet: Fleet, tmp_path: Path) -> None:
-    """A repeat load reuses the bundle's parsed head, not its verdict: a revoked publisher fails."""
+def test_repeat_load_still_checks_revocation(fleet: Fleet, tmp_path: Path) -> None:
+    """A repeat load reuses the signature's verdict only under the same trust store."""
     node = fleet.node(NODE)
     assert node.enc_key is not None
     cache = BundleCache(tmp_path / "cache", node.cn, node.enc_key, fleet.trust)
     stored = cache.put(build_bundle(fleet, "digits"))
-    given: list[_Loaded] = []
+    given: list[bytes] = []
 
-    def loader(b: bytes, m: object) -> _Loaded:
-        given.append(_Loaded(b))
-        return given[-1]
+    def loader(b: bytes, m: object) -> bytes:
+        given.append(b)
+        return b
 
     for _ in range(2):
         cache.load(stored.digest, loader)
@@ -475,7 +465,7 @@ def test_parallel_load_still_checks_revocation(fleet: Fleet, tmp_path: Path) -> 
     cache.trust = fleet.trust  # what the agent does when a new revocation list arrives
     with pytest.raises(SignatureError, match="revoked"):
         cache.load(stored.digest, loader)
-    assert len(given) == 3 and given[-1].closed
+    assert len(given) == 2
 
 
 TAMPERS = {

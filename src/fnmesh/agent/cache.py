@@ -15,18 +15,25 @@ rollback order it has checked.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hmac
 import json
+import logging
 import mmap
 import os
+import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fnmesh.agent.errors import AgentError
 from fnmesh.certs import keywrap
@@ -36,25 +43,26 @@ from fnmesh.functions.bundle import Bundle, Verdict
 from fnmesh.functions.errors import BundleError
 from fnmesh.functions.manifest import Manifest, Runtime, semver_key
 
+L = TypeVar("L")
 
-class _Closable(Protocol):
-    def close(self) -> None: ...
+log = logging.getLogger(__name__)
 
-
-L = TypeVar("L", bound=_Closable)
-
-_checks: ThreadPoolExecutor | None = None
+_writes: ThreadPoolExecutor | None = None
+#: A sealed copy: magic | nonce | AES-256-GCM(model), under the node's own key.
+_SEAL_MAGIC = b"FNSEAL\x00\x01"
+_SEAL_INFO = b"fnmesh/v1 node cache seal"
+_NONCE_BYTES = 12
 #: Read-only, shared, with the pages mapped up front (one call, not a fault per page).
 _MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 
 
-def _checker() -> ThreadPoolExecutor:
-    """One thread per process for the checks that run beside a runtime's parse."""
-    global _checks
-    if _checks is None:
-        _checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fnmesh-check")
-        atexit.register(_checks.shutdown, wait=False)
-    return _checks
+def _writer() -> ThreadPoolExecutor:
+    """One thread per process writing sealed copies, off the loads' path."""
+    global _writes
+    if _writes is None:
+        _writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fnmesh-seal")
+        atexit.register(_writes.shutdown, wait=True)
+    return _writes
 
 
 class RollbackError(BundleError):
@@ -72,11 +80,19 @@ class Opened:
 
 @dataclass(frozen=True, slots=True)
 class _Known:
-    """A cached bundle checked whole once: its parsed head (no ciphertext) and data key."""
+    """A cached bundle checked whole in this process: its parsed head (no ciphertext) and
+    the verdict on its signature."""
 
     head: Bundle
-    data_key: bytes
     verdict: Verdict
+
+
+def _node_seal_key(enc_key: X25519PrivateKey) -> bytes:
+    """The node's own key for its sealed copies, derived from its X25519 key (never stored)."""
+    raw = enc_key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_SEAL_INFO).derive(raw)
 
 
 class BundleCache:
@@ -103,11 +119,16 @@ class BundleCache:
         self._graph_checked: set[str] = set()
         #: Cached bundles loaded whole in this process, for :meth:`load` (memory only).
         self._known: dict[str, _Known] = {}
+        self._seal = AESGCM(_node_seal_key(enc_key))
 
     def path(self, digest: str) -> Path:
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             raise AgentError(f"not a bundle digest: {digest!r}")
         return self.root / "bundles" / f"{digest}.fnb"
+
+    def sealed_path(self, digest: str) -> Path:
+        """The node's sealed copy of a cached bundle's model (see :meth:`load`)."""
+        return self.path(digest).with_suffix(".sealed")
 
     def has(self, digest: str) -> bool:
         return self.path(digest).exists()
@@ -136,54 +157,91 @@ class BundleCache:
         *,
         allow_rollback: bool = False,
     ) -> tuple[Manifest, L]:
-        """What :meth:`open` checks, with ``loader`` (the runtime's parse) run alongside.
+        """What :meth:`open` guarantees, handing the model to ``loader`` (the runtime's parse).
 
-        The first load of a cached ONNX bundle in this process is checked whole,
-        graph included, before ``loader`` sees a byte; it leaves in memory the
-        bundle's parsed head, data key and signature verdict. Later loads map
-        the file, decrypt the ciphertext under that key and hand the
-        AES-GCM-authenticated bytes to ``loader`` while another thread checks
-        the keys section's MAC, the verdict (the signature is checked again when
-        the trust store changed or a date passed) and the plaintext digest; the
-        loaded model is returned only when every check passes, and closed
-        otherwise.
-        Authenticated bytes were sealed by a holder of the data key (the
-        publisher and this bundle's nodes), so the runtime never parses bytes
-        from anyone else, and no request runs on them before the checks pass.
-        TensorRT plans are always checked whole first.
+        The first load of a cached ONNX bundle in this process is checked whole
+        (:meth:`open`), graph included. It leaves in memory the bundle's parsed
+        head and the verdict on its signature, and on disk (once) a sealed copy
+        of the verified model: AES-256-GCM under a key only this node has,
+        derived from its X25519 key, bound to the bundle and plaintext digests.
+        A later load (a cold start after scale to zero) checks the verdict
+        still holds (the same trust store, so the same revocation list, and
+        every date still good; otherwise the signature is checked again) and
+        opens the sealed copy: its tag proves this node wrote it, from a model
+        it had verified, so the plaintext digest need not be hashed again. A
+        sealed copy that is missing or does not authenticate is dropped, and
+        the bundle is checked whole again. TensorRT plans are always checked
+        whole.
         """
         known = self._known.get(digest)
         if known is not None:
-            self.check_version(known.head.manifest, allow_rollback=allow_rollback)
-        model = self._decrypt_known(digest, known) if known is not None else None
-        if model is None or known is None:
-            bundle = self._read(digest)
-            self.check_version(bundle.manifest, allow_rollback=allow_rollback)
-            opened = self._open(bundle)
-            return opened.manifest, loader(opened.model, opened.manifest)
-        m = known.head.manifest
-        checking = _checker().submit(self._check_known, known, model)
-        try:
-            loaded = loader(model, m)
-        except BaseException:
-            checking.result()  # a failed check says more than the runtime's complaint
-            raise
-        try:
-            checking.result()
-        except BaseException:
-            loaded.close()
-            raise
-        return m, loaded
+            head = known.head
+            self.check_version(head.manifest, allow_rollback=allow_rollback)
+            if not known.verdict.holds(self.trust):
+                self._known[digest] = replace(known, verdict=head.verify_signed(self.trust))
+            model = self._open_sealed(head)
+            if model is not None:
+                return head.manifest, loader(model, head.manifest)
+        bundle = self._read(digest)
+        self.check_version(bundle.manifest, allow_rollback=allow_rollback)
+        opened = self._open(bundle)
+        if bundle.manifest.runtime is Runtime.ONNX:
+            # Off the load's path: the runtime need not wait for the disk.
+            _writer().submit(self._write_sealed, bundle.manifest, opened.model)
+        return opened.manifest, loader(opened.model, opened.manifest)
 
-    def _check_known(self, known: _Known, model: bytes) -> None:
-        head = known.head
-        head.check_data_key(known.data_key)
-        # The head is the one checked before (it is kept in memory, not read again): while
-        # its verdict holds (same trust store, within every date) it would pass again.
-        if not known.verdict.holds(self.trust):
-            verdict = head.verify_signed(self.trust)
-            self._known[head.digest] = replace(known, verdict=verdict)
-        head.check_plaintext(model)
+    def _seal_aad(self, m: Manifest) -> bytes:
+        return _SEAL_MAGIC + m.digests.ciphertext.encode() + m.digests.plaintext.encode()
+
+    def _write_sealed(self, m: Manifest, model: bytes) -> None:
+        path = self.sealed_path(m.digests.ciphertext)
+        if path.exists() or not self.path(m.digests.ciphertext).exists():
+            return
+        nonce = secrets.token_bytes(_NONCE_BYTES)
+        sealed = self._seal.encrypt(nonce, model, self._seal_aad(m))
+        try:
+            write_atomic(path, _SEAL_MAGIC + nonce + sealed, mode=0o600)
+        except OSError as e:
+            log.warning("no sealed copy of %s@%s: %s", m.name, m.version, e)
+
+    def _open_sealed(self, head: Bundle) -> bytes | None:
+        """The model from this node's sealed copy, or None (absent, or it does not open).
+
+        The file is mapped for the decryption, not read: a 2 MB read buffer is
+        2 MB of fresh pages to fault in, dearer here than the decryption itself.
+        Cache files are only ever replaced whole (renamed over), never changed
+        in place, so the mapping cannot shrink under the decryption.
+        """
+        m = head.manifest
+        path = self.sealed_path(head.digest)
+        start = len(_SEAL_MAGIC) + _NONCE_BYTES
+        try:
+            with path.open("rb") as f:
+                if os.fstat(f.fileno()).st_size != start + m.digests.plaintext_size + 16:
+                    raise ValueError("wrong size")
+                mapped = mmap.mmap(f.fileno(), 0, flags=_MAP_FLAGS, prot=mmap.PROT_READ)
+            try:
+                with memoryview(mapped) as whole, whole[start:] as sealed:
+                    if bytes(whole[: len(_SEAL_MAGIC)]) != _SEAL_MAGIC:
+                        raise ValueError("not a sealed copy")
+                    nonce = bytes(whole[len(_SEAL_MAGIC) : start])
+                    model = self._seal.decrypt(nonce, sealed, self._seal_aad(m))
+            finally:
+                mapped.close()
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, InvalidTag) as e:
+            why = str(e) or "does not authenticate"
+            log.warning(
+                "sealed copy of %s@%s refused (%s): checking the bundle whole",
+                m.name,
+                m.version,
+                why,
+            )
+            path.unlink(missing_ok=True)
+            return None
+        os.utime(self.path(head.digest))
+        return model
 
     def open(self, digest: str, *, allow_rollback: bool = False) -> Opened:
         """Verify, then decrypt into memory. Refuses a version older than the highest run.
@@ -212,36 +270,6 @@ class BundleCache:
             raise AgentError(f"cached file {path.name} holds bundle {bundle.digest[:12]}")
         return bundle
 
-    def _decrypt_known(self, digest: str, known: _Known) -> bytes | None:
-        """The ciphertext decrypted under the known key (AES-GCM's tag checked), or None
-        if the file's size changed on disk (the whole path then says how).
-
-        The file is mapped for the decryption, not read: a 2 MB read buffer is
-        2 MB of fresh pages to fault in, dearer here than the decryption itself.
-        Cache files are only ever replaced whole (renamed over), never changed in
-        place, so the mapping cannot shrink under the decryption.
-        """
-        path = self.path(digest)
-        head = known.head
-        offset = head.ciphertext_offset
-        try:
-            with path.open("rb") as f:
-                if (
-                    os.fstat(f.fileno()).st_size
-                    != offset + head.manifest.digests.plaintext_size + 16
-                ):
-                    return None
-                mapped = mmap.mmap(f.fileno(), 0, flags=_MAP_FLAGS, prot=mmap.PROT_READ)
-        except FileNotFoundError as e:
-            raise AgentError(f"bundle {digest[:12]} is not in the cache") from e
-        try:
-            with memoryview(mapped) as whole, whole[offset:] as ciphertext:
-                model = replace(head, ciphertext=ciphertext).decrypt_authenticated(known.data_key)
-        finally:
-            mapped.close()
-        os.utime(path)
-        return model
-
     def _open(self, bundle: Bundle) -> Opened:
         verdict = bundle.verify(self.trust, ciphertext_digest=False)
         data_key = bundle.data_key(self.node_cn, self._key)
@@ -249,7 +277,7 @@ class BundleCache:
         self._check_model(bundle, model)
         if bundle.manifest.runtime is Runtime.ONNX:
             head = replace(bundle, ciphertext=memoryview(b""))
-            self._known[bundle.digest] = _Known(head, data_key, verdict)
+            self._known[bundle.digest] = _Known(head, verdict)
         return Opened(bundle.manifest, model, bundle.digest)
 
     def _check_model(self, bundle: Bundle, model: bytes) -> None:
@@ -322,15 +350,21 @@ class BundleCache:
     # -- disk budget --------------------------------------------------------------------
 
     def usage(self) -> int:
-        return sum(p.stat().st_size for p in (self.root / "bundles").glob("*.fnb"))
+        """Bytes on disk: bundles and the sealed copies beside them."""
+        return sum(self._size_with_copy(p) for p in (self.root / "bundles").glob("*.fnb"))
+
+    def _size_with_copy(self, bundle_path: Path) -> int:
+        size = bundle_path.stat().st_size
+        with contextlib.suppress(FileNotFoundError):
+            size += bundle_path.with_suffix(".sealed").stat().st_size
+        return size
 
     def cleanup(self, pinned: set[str] | frozenset[str]) -> list[str]:
-        """Remove least recently used, unpinned bundles until the cache fits its budget."""
-        files = sorted(
-            ((p.stat().st_mtime, p) for p in (self.root / "bundles").glob("*.fnb")),
-            key=lambda t: t[0],
-        )
-        total = sum(p.stat().st_size for _, p in files)
+        """Remove least recently used, unpinned bundles (each with its sealed copy) until the
+        cache fits its budget."""
+        bundles = self.root / "bundles"
+        files = sorted(((p.stat().st_mtime, p) for p in bundles.glob("*.fnb")), key=lambda t: t[0])
+        total = sum(self._size_with_copy(p) for _, p in files)
         removed = []
         for _, p in files:
             if total <= self.budget_bytes:
@@ -338,11 +372,15 @@ class BundleCache:
             digest = p.stem
             if digest in pinned:
                 continue
-            size = p.stat().st_size
+            total -= self._size_with_copy(p)
             p.unlink(missing_ok=True)
+            p.with_suffix(".sealed").unlink(missing_ok=True)
             self._known.pop(digest, None)
-            total -= size
             removed.append(digest)
+        # A sealed copy whose bundle went (a write that raced a removal) is of no use.
+        for sealed in bundles.glob("*.sealed"):
+            if not sealed.with_suffix(".fnb").exists():
+                sealed.unlink(missing_ok=True)
         # Leftovers of writes interrupted by a crash are never valid bundles.
         for tmp in (self.root / "bundles").glob(".*.tmp"):
             if time.time() - tmp.stat().st_mtime > 60:

@@ -53,14 +53,7 @@ from fnmesh.functions.manifest import (
     canonical_json,
     split_function_id,
 )
-from fnmesh.functions.seal import (
-    aad_for,
-    check_plaintext,
-    keys_mac,
-    open_authenticated,
-    seal,
-    unseal,
-)
+from fnmesh.functions.seal import aad_for, keys_mac, seal, unseal
 
 MAGIC_PREFIX = b"FNMESHB"
 MAGIC = MAGIC_PREFIX + bytes([FORMAT_MAJOR])
@@ -233,12 +226,6 @@ class Bundle:
     def _keys_mac_ok(self, data_key: bytes) -> bool:
         return hmac.compare_digest(keys_mac(data_key, self.keys_bytes), self.keys_mac)
 
-    @property
-    def ciphertext_offset(self) -> int:
-        """Where the ciphertext starts in :meth:`to_bytes` (it runs to the end)."""
-        sections = len(self.manifest_bytes) + len(self.signatures_bytes) + len(self.keys_bytes)
-        return len(MAGIC) + 3 * 4 + sections + MAC_BYTES + 8
-
     def decrypt(self, data_key: bytes) -> bytes:
         d = self.manifest.digests
         return unseal(
@@ -248,18 +235,6 @@ class Bundle:
             aad_for(self.manifest.name, self.manifest.version),
             d.plaintext,
         )
-
-    def decrypt_authenticated(self, data_key: bytes) -> bytes:
-        """Decrypt checking AES-GCM's tag only; the bytes are not yet known to be the signed
-        model until :meth:`verify` and :meth:`check_plaintext` pass."""
-        m = self.manifest
-        return open_authenticated(
-            self.ciphertext, data_key, bytes.fromhex(m.digests.nonce), aad_for(m.name, m.version)
-        )
-
-    def check_plaintext(self, model: bytes) -> None:
-        """The decrypted model must hash to the signed plaintext digest."""
-        check_plaintext(model, self.manifest.digests.plaintext)
 
     def open(
         self,

@@ -51,24 +51,13 @@ def unseal(
     ciphertext: bytes | memoryview, data_key: bytes, nonce: bytes, aad: bytes, plaintext_digest: str
 ) -> bytes:
     """Decrypt and check the plaintext digest; the plaintext never touches disk."""
-    pt = open_authenticated(ciphertext, data_key, nonce, aad)
-    check_plaintext(pt, plaintext_digest)
-    return pt
-
-
-def open_authenticated(
-    ciphertext: bytes | memoryview, data_key: bytes, nonce: bytes, aad: bytes
-) -> bytes:
-    """Decrypt, checking AES-GCM's tag only: the caller must still :func:`check_plaintext`."""
     try:
-        return AESGCM(data_key).decrypt(nonce, ciphertext, aad)
+        pt = AESGCM(data_key).decrypt(nonce, ciphertext, aad)
     except InvalidTag as e:
         raise IntegrityError("model ciphertext fails authentication (tampered or wrong key)") from e
-
-
-def check_plaintext(plaintext: bytes, plaintext_digest: str) -> None:
-    if not hmac.compare_digest(tree_sha256(plaintext), plaintext_digest):
+    if not hmac.compare_digest(tree_sha256(pt), plaintext_digest):
         raise IntegrityError("decrypted model does not match the manifest's plaintext digest")
+    return pt
 
 
 def keys_mac(data_key: bytes, keys_section: bytes) -> bytes:
