@@ -32,8 +32,9 @@ from fnmesh.agent.mqtt import MqttClient
 from fnmesh.agent.presence import Presence, offline_will
 from fnmesh.agent.probe import Hardware, probe, utilisation
 from fnmesh.agent.revocation import RevocationFollower
+from fnmesh.agent.runner import Runner
 from fnmesh.agent.service import INLINE_RUN_S, InvocationService
-from fnmesh.agent.warm_pool import PoolKey, WarmPool, threaded
+from fnmesh.agent.warm_pool import PoolKey, WarmPool
 from fnmesh.certs import lookup
 from fnmesh.certs.errors import IdentityError
 from fnmesh.certs.home import DEFAULT_TOPIC_ROOT, Home
@@ -126,7 +127,11 @@ class Agent:
             budget_bytes=cfg.cache_budget_mb << 20,
         )
         budget = cfg.memory_budget_mb or max(256, self.hardware.memory_usable_mib // 2)
-        self.pool = WarmPool(budget << 20, cfg.idle_ttl_s, threaded(self._load))
+        # Loads get threads of their own: a cold start never waits behind other functions' runs.
+        self._loads = Runner(2, name="fnmesh-load")
+        self.pool = WarmPool(
+            budget << 20, cfg.idle_ttl_s, lambda key: self._loads.run(self._load, key)
+        )
         cores = self.hardware.cores_logical or os.cpu_count() or 1
         self.service = InvocationService(
             cfg.name,
@@ -402,6 +407,7 @@ class Agent:
             await self._http_client.close()
             self._http_client = None
         await self.pool.async_close(max(0.5, end - loop.time()))
+        await asyncio.to_thread(self._loads.shutdown, max(0.5, end - loop.time()))
         self._stopped.set()
 
 
