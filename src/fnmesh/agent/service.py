@@ -425,6 +425,9 @@ class InvocationService:
         if key is not None and self.dedup is not None:
             self.dedup.start(key)
             sink = _Recording(sink, self.dedup, key)
+        # A cold start begins here, not once the batch is formed: the load is under way
+        # while the request goes through the batcher.
+        self.pool.prefetch(slot.key, size_hint=m.requirements.memory_mb << 20)
         b.submit(
             Pending(
                 inputs=req.inputs,

@@ -165,6 +165,11 @@ class WarmPool:
             await asyncio.shield(self._load_task(key, size_hint))
             # Loop: the entry is normally there now; if it was evicted in between, load again.
 
+    def prefetch(self, key: PoolKey, *, size_hint: int = 0) -> None:
+        """Start loading ``key`` unless it is loaded or loading (a lease for it is coming)."""
+        if not self._closed and key not in self._entries:
+            self._load_task(key, size_hint)
+
     def try_acquire(self, key: PoolKey) -> Executor | None:
         """Lease ``key`` only if it is loaded (never waits); pair with ``release``."""
         if self._closed:
