@@ -399,6 +399,16 @@ def test_disk_budget_removes_unpinned_least_recently_used(fleet: Fleet, tmp_path
     assert cache.open(d).manifest.version == "1.0.3"
 
 
+def wait_sealed(cache: BundleCache, digest: str) -> Path:
+    """The sealed copy another thread writes after a whole load."""
+    sealed = cache.sealed_path(digest)
+    deadline = time.monotonic() + WAIT
+    while not sealed.exists():
+        assert time.monotonic() < deadline, "no sealed copy was written"
+        time.sleep(0.01)  # polling for a file from another thread, with a deadline
+    return sealed
+
+
 def test_repeat_load_opens_the_nodes_sealed_copy(fleet: Fleet, tmp_path: Path) -> None:
     """After one whole check, a load opens the node's own sealed copy of the verified model.
 
@@ -418,11 +428,7 @@ def test_repeat_load_opens_the_nodes_sealed_copy(fleet: Fleet, tmp_path: Path) -
         return b
 
     assert cache.load(d, loader)[1] == model  # checked whole; the sealed copy is written after
-    sealed = cache.sealed_path(d)
-    deadline = time.monotonic() + WAIT
-    while not sealed.exists():
-        assert time.monotonic() < deadline, "no sealed copy was written"
-        time.sleep(0.01)  # polling for a file from another thread, with a deadline
+    sealed = wait_sealed(cache, d)
     assert model[len(model) // 2 : len(model) // 2 + 64] not in sealed.read_bytes()
     assert cache.usage() >= sealed.stat().st_size + cache.path(d).stat().st_size
 
@@ -444,6 +450,20 @@ def test_repeat_load_opens_the_nodes_sealed_copy(fleet: Fleet, tmp_path: Path) -
     with pytest.raises(BundleError, match="plaintext digest"):
         cache.load(d, loader)
     assert len(given) == loads, "the runtime saw bytes that had not been checked"
+    assert not sealed.exists()
+
+
+def test_sealed_copy_without_its_bundle_is_not_served(fleet: Fleet, tmp_path: Path) -> None:
+    node = fleet.node(NODE)
+    assert node.enc_key is not None
+    cache = BundleCache(tmp_path / "cache", node.cn, node.enc_key, fleet.trust)
+    d = cache.put(build_bundle(fleet, "digits")).digest
+    cache.load(d, lambda b, m: b)
+    sealed = wait_sealed(cache, d)
+    cache.path(d).unlink()
+    with pytest.raises(AgentError, match="not in the cache"):
+        cache.load(d, lambda b, m: b)
+    cache.cleanup(frozenset())
     assert not sealed.exists()
 
 

@@ -216,6 +216,7 @@ class BundleCache:
         path = self.sealed_path(head.digest)
         start = len(_SEAL_MAGIC) + _NONCE_BYTES
         try:
+            os.utime(self.path(head.digest))  # the bundle is still cached (and just used)
             with path.open("rb") as f:
                 if os.fstat(f.fileno()).st_size != start + m.digests.plaintext_size + 16:
                     raise ValueError("wrong size")
@@ -240,7 +241,6 @@ class BundleCache:
             )
             path.unlink(missing_ok=True)
             return None
-        os.utime(self.path(head.digest))
         return model
 
     def open(self, digest: str, *, allow_rollback: bool = False) -> Opened:
