@@ -34,7 +34,7 @@ from fnmesh.agent.probe import Hardware, probe, utilisation
 from fnmesh.agent.revocation import RevocationFollower
 from fnmesh.agent.runner import Runner
 from fnmesh.agent.service import INLINE_RUN_S, InvocationService
-from fnmesh.agent.warm_pool import PoolKey, WarmPool
+from fnmesh.agent.warm_pool import PoolKey, WarmPool, threaded
 from fnmesh.certs import lookup
 from fnmesh.certs.errors import IdentityError
 from fnmesh.certs.home import DEFAULT_TOPIC_ROOT, Home
@@ -129,9 +129,7 @@ class Agent:
         budget = cfg.memory_budget_mb or max(256, self.hardware.memory_usable_mib // 2)
         # Loads get threads of their own: a cold start never waits behind other functions' runs.
         self._loads = Runner(2, name="fnmesh-load")
-        self.pool = WarmPool(
-            budget << 20, cfg.idle_ttl_s, lambda key: self._loads.run(self._load, key)
-        )
+        self.pool = WarmPool(budget << 20, cfg.idle_ttl_s, threaded(self._load, self._loads))
         cores = self.hardware.cores_logical or os.cpu_count() or 1
         self.service = InvocationService(
             cfg.name,

@@ -135,6 +135,11 @@ class Slot:
     def key(self) -> PoolKey:
         return (self.manifest.name, self.manifest.version)
 
+    @property
+    def size_hint(self) -> int:
+        """Bytes the manifest says a loaded model needs (0: not said), for the warm pool."""
+        return self.manifest.requirements.memory_mb << 20
+
 
 @dataclass(slots=True, eq=False)
 class _Meta:
@@ -427,7 +432,7 @@ class InvocationService:
             sink = _Recording(sink, self.dedup, key)
         # A cold start begins here, not once the batch is formed: the load is under way
         # while the request goes through the batcher.
-        self.pool.prefetch(slot.key, size_hint=m.requirements.memory_mb << 20)
+        self.pool.prefetch(slot.key, size_hint=slot.size_hint)
         b.submit(
             Pending(
                 inputs=req.inputs,
@@ -438,6 +443,11 @@ class InvocationService:
                 meta=_Meta(rid, sink, enc, spilled),
             )
         )
+
+    def _fail_all(self, fid: str, pending: list[Pending], code: ErrorCode, message: str) -> None:
+        """Answer each of ``pending`` with the same error."""
+        for p in pending:
+            self._fail(fid, p.meta.sink, p.meta.encoding, p.meta.id, code, message)
 
     def _fail(
         self, fid: str, sink: Sink, enc: Encoding, rid: str, code: ErrorCode, message: str
@@ -469,15 +479,12 @@ class InvocationService:
             else:
                 live.append(p)
         if live and slot is None:
-            for p in live:
-                self._fail(
-                    function_id,
-                    p.meta.sink,
-                    p.meta.encoding,
-                    p.meta.id,
-                    ErrorCode.SATURATED,
-                    f"function {function_id} moved off node {self.node}; try again",
-                )
+            self._fail_all(
+                function_id,
+                live,
+                ErrorCode.SATURATED,
+                f"function {function_id} moved off node {self.node}; try again",
+            )
             return []
         return live
 
@@ -545,7 +552,7 @@ class InvocationService:
             return
         m = slot.manifest
         try:
-            async with self.pool.lease(slot.key, size_hint=m.requirements.memory_mb << 20) as (
+            async with self.pool.lease(slot.key, size_hint=slot.size_hint) as (
                 ex,
                 cold,
             ):
@@ -601,15 +608,9 @@ class InvocationService:
         else:
             log.exception("%s@%s crashed", m.name, m.version)
             why = f"internal error ({type(e).__name__})"
-        for p in live:
-            self._fail(
-                function_id,
-                p.meta.sink,
-                p.meta.encoding,
-                p.meta.id,
-                ErrorCode.INTERNAL,
-                f"{m.name}@{m.version} on {self.node}: {why}",
-            )
+        self._fail_all(
+            function_id, live, ErrorCode.INTERNAL, f"{m.name}@{m.version} on {self.node}: {why}"
+        )
 
     def _answer(
         self,
@@ -679,15 +680,12 @@ class InvocationService:
         for slot in list(self._slots.values()):
             await slot.batcher.async_drain(max(0.0, deadline - self._clock()))
         for slot in list(self._slots.values()):
-            for p in slot.batcher.take_all():
-                self._fail(
-                    slot.manifest.name,
-                    p.meta.sink,
-                    p.meta.encoding,
-                    p.meta.id,
-                    ErrorCode.SATURATED,
-                    f"node {self.node} is shutting down",
-                )
+            self._fail_all(
+                slot.manifest.name,
+                slot.batcher.take_all(),
+                ErrorCode.SATURATED,
+                f"node {self.node} is shutting down",
+            )
             await slot.batcher.async_cancel()
         # Batches are drained or cancelled above; a run still going is left to end on its own.
         await asyncio.to_thread(self._runner.shutdown, 5.0)

@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from fnmesh.agent.errors import CapacityError, PoolClosedError
 from fnmesh.agent.executors.base import Executor
+from fnmesh.agent.runner import Runner
 
 _log = logging.getLogger(__name__)
 
@@ -39,10 +40,13 @@ Loader = Callable[[PoolKey], Awaitable[Executor]]
 UnloadReason = Literal["evicted", "expired", "unloaded", "closed"]
 
 
-def threaded(load: Callable[[PoolKey], Executor]) -> Loader:
-    """Wrap a blocking loader (such as ``load_executor``) to run in a worker thread."""
+def threaded(load: Callable[[PoolKey], Executor], runner: Runner | None = None) -> Loader:
+    """Wrap a blocking loader (such as ``load_executor``) to run in a worker thread: one of
+    ``runner``'s, or else the loop's default executor."""
 
     async def _async_load(key: PoolKey) -> Executor:
+        if runner is not None:
+            return await runner.run(load, key)
         return await asyncio.to_thread(load, key)
 
     return _async_load
