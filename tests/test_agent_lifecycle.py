@@ -32,8 +32,10 @@ from conftest import SCALE, Broker, Fleet
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from onnx import TensorProto, helper, numpy_helper
 
-from fnmesh.agent.cache import BundleCache, RollbackError
+from fnmesh.agent.cache import BundleCache, PlainLoader, RollbackError
 from fnmesh.agent.errors import AgentError
+from fnmesh.agent.executors import NodeLoader, OnnxExecutor
+from fnmesh.agent.probe import probe
 from fnmesh.certs import keywrap
 from fnmesh.certs.errors import KeyWrapError
 from fnmesh.functions import bundle as fnb
@@ -427,7 +429,9 @@ def test_repeat_load_opens_the_nodes_sealed_copy(fleet: Fleet, tmp_path: Path) -
         given.append(b)
         return b
 
-    assert cache.load(d, loader)[1] == model  # checked whole; the sealed copy is written after
+    assert (
+        cache.load(d, PlainLoader(loader))[1] == model
+    )  # checked whole; the sealed copy is written after
     sealed = wait_sealed(cache, d)
     assert model[len(model) // 2 : len(model) // 2 + 64] not in sealed.read_bytes()
     assert cache.usage() >= sealed.stat().st_size + cache.path(d).stat().st_size
@@ -441,16 +445,86 @@ def test_repeat_load_opens_the_nodes_sealed_copy(fleet: Fleet, tmp_path: Path) -
     fields["ciphertext"] = memoryview(AESGCM(dk).encrypt(nonce, bytes(other), aad))
     cache.path(d).write_bytes(fnb.Bundle(**fields).to_bytes())
     # The repeat load opens the sealed copy: the forged ciphertext is never decrypted.
-    assert cache.load(d, loader)[1] == model
+    assert cache.load(d, PlainLoader(loader))[1] == model
     # A sealed copy that does not open is dropped, and the bundle is checked whole.
     blob = bytearray(sealed.read_bytes())
     blob[-100] ^= 1
     sealed.write_bytes(bytes(blob))
     loads = len(given)
     with pytest.raises(BundleError, match="plaintext digest"):
-        cache.load(d, loader)
+        cache.load(d, PlainLoader(loader))
     assert len(given) == loads, "the runtime saw bytes that had not been checked"
     assert not sealed.exists()
+
+
+def sealed_form(path: Path) -> str:
+    """The form a sealed copy's header names (magic, 2-byte length, form)."""
+    head = path.read_bytes()[:2048]
+    n = int.from_bytes(head[8:10], "big")
+    return head[10 : 10 + n].decode()
+
+
+def test_repeat_load_takes_the_prepared_form_the_first_load_sealed(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """With ONNX Runtime's own loader, the sealed copy is its optimised graph for this CPU."""
+    node = fleet.node(NODE)
+    assert node.enc_key is not None
+    cache = BundleCache(tmp_path / "cache", node.cn, node.enc_key, fleet.trust)
+    stored = cache.put(build_bundle(fleet, "mlp"))
+    model = stored.open(fleet.trust, node.cn, node.enc_key)
+    loader = NodeLoader(probe())
+    form = loader.form(stored.manifest)
+    assert form, "a CPU function on this node has a prepared form"
+    _, first = cache.load(stored.digest, loader)
+    sealed = wait_sealed(cache, stored.digest)
+    assert sealed_form(sealed) == form
+    blob = sealed.read_bytes()
+    assert model[len(model) // 2 : len(model) // 2 + 64] not in blob
+    _, again = cache.load(stored.digest, loader)
+    assert isinstance(first, OnnxExecutor) and isinstance(again, OnnxExecutor)
+    assert (first.form, again.form) == ("", form)
+    x = build_example("mlp").sample_inputs(8, seed=5)
+    for a, b in zip(first.run(x).values(), again.run(x).values(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+class FormLoader:
+    """A runtime loader whose prepared form the test changes (a runtime upgrade, a new CPU)."""
+
+    def __init__(self, form: str) -> None:
+        self.current = form
+        self.given: list[str] = []
+
+    def form(self, manifest: object) -> str:
+        return self.current
+
+    def __call__(self, model: bytes, manifest: object, form: str) -> tuple[bytes, bytes | None]:
+        self.given.append(form)
+        return model, None if form else self.current.encode() + model
+
+
+def test_sealed_copy_of_a_form_this_node_no_longer_loads_is_replaced(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    node = fleet.node(NODE)
+    assert node.enc_key is not None
+    cache = BundleCache(tmp_path / "cache", node.cn, node.enc_key, fleet.trust)
+    d = cache.put(build_bundle(fleet, "digits")).digest
+    loader = FormLoader("runtime 1")
+    cache.load(d, loader)
+    sealed = wait_sealed(cache, d)
+    assert sealed_form(sealed) == "runtime 1"
+    assert cache.load(d, loader)[1].startswith(b"runtime 1"), "the prepared form is loaded"
+    loader.current = "runtime 2"
+    # The copy names another form: dropped, and the bundle checked whole (form "") again.
+    assert not cache.load(d, loader)[1].startswith(b"runtime")
+    assert loader.given == ["", "runtime 1", ""]
+    deadline = time.monotonic() + WAIT
+    while not (sealed.exists() and sealed_form(sealed) == "runtime 2"):
+        assert time.monotonic() < deadline, "the new form was never sealed"
+        time.sleep(0.01)  # polling for a file from another thread, with a deadline
+    assert cache.load(d, loader)[1].startswith(b"runtime 2")
 
 
 def test_sealed_copy_without_its_bundle_is_not_served(fleet: Fleet, tmp_path: Path) -> None:
@@ -458,11 +532,11 @@ def test_sealed_copy_without_its_bundle_is_not_served(fleet: Fleet, tmp_path: Pa
     assert node.enc_key is not None
     cache = BundleCache(tmp_path / "cache", node.cn, node.enc_key, fleet.trust)
     d = cache.put(build_bundle(fleet, "digits")).digest
-    cache.load(d, lambda b, m: b)
+    cache.load(d, PlainLoader(lambda b, m: b))
     sealed = wait_sealed(cache, d)
     cache.path(d).unlink()
     with pytest.raises(AgentError, match="not in the cache"):
-        cache.load(d, lambda b, m: b)
+        cache.load(d, PlainLoader(lambda b, m: b))
     cache.cleanup(frozenset())
     assert not sealed.exists()
 
@@ -480,11 +554,11 @@ def test_repeat_load_still_checks_revocation(fleet: Fleet, tmp_path: Path) -> No
         return b
 
     for _ in range(2):
-        cache.load(stored.digest, loader)
+        cache.load(stored.digest, PlainLoader(loader))
     fleet.ca.revoke(fleet.publisher.cn)
     cache.trust = fleet.trust  # what the agent does when a new revocation list arrives
     with pytest.raises(SignatureError, match="revoked"):
-        cache.load(stored.digest, loader)
+        cache.load(stored.digest, PlainLoader(loader))
     assert len(given) == 2
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -20,7 +21,14 @@ from fnmesh.agent.errors import (
     UnsupportedHardwareError,
 )
 from fnmesh.agent.executors import Executor, OnnxExecutor, choose_providers, load_executor
-from fnmesh.agent.executors.onnx import CPU, CUDA, TENSORRT, provider_options
+from fnmesh.agent.executors.onnx import (
+    CPU,
+    CUDA,
+    TENSORRT,
+    load_onnx,
+    prepared_form,
+    provider_options,
+)
 from fnmesh.agent.executors.tensorrt import EngineCache, check_plan_fits
 from fnmesh.agent.probe import GpuInfo, Hardware, probe
 from fnmesh.functions.manifest import GpuRequirement, Manifest, Runtime
@@ -460,3 +468,51 @@ def test_plan_for_another_architecture_refused_on_this_gpu() -> None:
     manifest = make_manifest(gpu="required", runtime="tensorrt", gpu_arch=other)
     with pytest.raises(UnsupportedHardwareError, match=f"built for {other}"):
         load_executor(b"plan", manifest, HW)
+
+
+# --- the prepared form (ORT's optimised graph, sealed by the bundle cache) ------------------
+
+
+def test_prepared_form_loads_to_the_same_answers_and_only_here() -> None:
+    from fnmesh.functions.examples.models import build_example
+
+    example = build_example("mlp")
+    name = next(iter(example.sample_inputs(1, seed=0)))
+    m = make_manifest(
+        inputs=((name, "float32", ("N", example.sample_inputs(1, seed=0)[name].shape[1])),),
+        outputs=(),
+    )
+    made = load_onnx(example.onnx_bytes, m, HW, prepare=True)
+    assert made.form == ""
+    prepared = made.take_prepared()
+    assert prepared and made.take_prepared() is None, "the prepared form is handed over once"
+    onnx.load_from_string(prepared)  # a well-formed model
+    form = prepared_form(m, HW)
+    again = load_onnx(prepared, m, HW, form=form)
+    assert again.form == form
+    x = example.sample_inputs(16, seed=3)
+    for a, b in zip(made.run(x).values(), again.run(x).values(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ExecutorError, match="cannot load"):
+        load_onnx(prepared, m, HW, form=form.replace(ort.__version__, "0.0.1"))
+
+
+def test_prepared_form_names_the_runtime_and_the_cpu() -> None:
+    m = make_manifest()
+    plain = Hardware(arch="x86_64", cpu_flags=("avx2", "fma"))
+    wider = Hardware(arch="x86_64", cpu_flags=("avx2", "avx512f", "fma"))
+    form = prepared_form(m, plain)
+    assert ort.__version__ in form and "x86_64" in form
+    assert form != prepared_form(m, wider), "another CPU needs its own prepared form"
+    # GPU providers are not prepared; a CPU-only function on a GPU node is.
+    assert prepared_form(make_manifest(gpu="preferred"), GPU_CUDA) == ""
+    assert prepared_form(make_manifest(gpu="required"), NO_GPU) == ""
+    assert prepared_form(make_manifest(gpu="none"), GPU_CUDA) != ""
+
+
+def test_preparing_writes_nothing_to_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    ex = load_onnx(matmul_add_model(), make_manifest(), HW, prepare=True)
+    assert ex.take_prepared()
+    assert os.listdir(tmp_path) == []

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -44,12 +44,15 @@ from fnmesh.functions.errors import BundleError
 from fnmesh.functions.manifest import Manifest, Runtime, semver_key
 
 L = TypeVar("L")
+L_co = TypeVar("L_co", covariant=True)
 
 log = logging.getLogger(__name__)
 
 _writes: ThreadPoolExecutor | None = None
-#: A sealed copy: magic | nonce | AES-256-GCM(model), under the node's own key.
-_SEAL_MAGIC = b"FNSEAL\x00\x01"
+#: A sealed copy: magic | form length (2 bytes) | form | nonce | AES-256-GCM(model), under
+#: the node's own key; the form ("" for the bundle's own model) is authenticated with it.
+_SEAL_MAGIC = b"FNSEAL\x00\x02"
+_FORM_MAX = 1024
 _SEAL_INFO = b"fnmesh/v1 node cache seal"
 _NONCE_BYTES = 12
 #: Read-only, shared, with the pages mapped up front (one call, not a fault per page).
@@ -67,6 +70,42 @@ def _writer() -> ThreadPoolExecutor:
 
 class RollbackError(BundleError):
     """An older version than the highest already run, without a rollback order."""
+
+
+class _OtherForm(ValueError):
+    """A sealed copy holds a prepared form this node's runtime no longer takes."""
+
+
+class Loader(Protocol[L_co]):
+    """How a runtime takes a verified model, for :meth:`BundleCache.load`.
+
+    A runtime may have a form of the model of its own, prepared on this node
+    (ONNX Runtime's optimised graph, for this build of it and this CPU), that
+    loads faster than the bundle's: the cache then seals that form instead.
+    """
+
+    def form(self, manifest: Manifest) -> str:
+        """The form this loader prepares of ``manifest``'s model, naming what it depends on
+        (runtime, version, hardware); "" if it prepares none."""
+        ...
+
+    def __call__(self, model: bytes, manifest: Manifest, form: str) -> tuple[L_co, bytes | None]:
+        """Load ``model``, given in ``form`` ("" for the bundle's own model). From the bundle's
+        own model, also return the prepared form (None if it made none)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class PlainLoader(Generic[L]):
+    """A :class:`Loader` with no form of its own: ``fn(model, manifest)``."""
+
+    fn: Callable[[bytes, Manifest], L]
+
+    def form(self, manifest: Manifest) -> str:
+        return ""
+
+    def __call__(self, model: bytes, manifest: Manifest, form: str) -> tuple[L, None]:
+        return self.fn(model, manifest), None
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +192,7 @@ class BundleCache:
     def load(
         self,
         digest: str,
-        loader: Callable[[bytes, Manifest], L],
+        loader: Loader[L],
         *,
         allow_rollback: bool = False,
     ) -> tuple[Manifest, L]:
@@ -162,14 +201,16 @@ class BundleCache:
         The first load of a cached ONNX bundle in this process is checked whole
         (:meth:`open`), graph included. It leaves in memory the bundle's parsed
         head and the verdict on its signature, and on disk (once) a sealed copy
-        of the verified model: AES-256-GCM under a key only this node has,
-        derived from its X25519 key, bound to the bundle and plaintext digests.
-        A later load (a cold start after scale to zero) checks the verdict
-        still holds (the same trust store, so the same revocation list, and
-        every date still good; otherwise the signature is checked again) and
-        opens the sealed copy: its tag proves this node wrote it, from a model
-        it had verified, so the plaintext digest need not be hashed again. A
-        sealed copy that is missing or does not authenticate is dropped, and
+        of the verified model, or of the form the loader prepared from it:
+        AES-256-GCM under a key only this node has, derived from its X25519
+        key, bound to the bundle and plaintext digests and to the form. A later
+        load (a cold start after scale to zero) checks the verdict still holds
+        (the same trust store, so the same revocation list, and every date
+        still good; otherwise the signature is checked again) and opens the
+        sealed copy: its tag proves this node wrote it, from a model it had
+        verified, so the plaintext digest need not be hashed again. A sealed
+        copy that is missing, does not authenticate, or holds a form the loader
+        no longer takes (another runtime version, another CPU) is dropped, and
         the bundle is checked whole again. TensorRT plans are always checked
         whole.
         """
@@ -179,33 +220,64 @@ class BundleCache:
             self.check_version(head.manifest, allow_rollback=allow_rollback)
             if not known.verdict.holds(self.trust):
                 self._known[digest] = replace(known, verdict=head.verify_signed(self.trust))
-            model = self._open_sealed(head)
-            if model is not None:
-                return head.manifest, loader(model, head.manifest)
+            sealed = self._open_sealed(head, loader.form(head.manifest))
+            if sealed is not None:
+                model, form = sealed
+                return head.manifest, loader(model, head.manifest, form)[0]
         bundle = self._read(digest)
         self.check_version(bundle.manifest, allow_rollback=allow_rollback)
         opened = self._open(bundle)
+        loaded, prepared = loader(opened.model, opened.manifest, "")
         if bundle.manifest.runtime is Runtime.ONNX:
+            form = loader.form(opened.manifest) if prepared is not None else ""
             # Off the load's path: the runtime need not wait for the disk.
-            _writer().submit(self._write_sealed, bundle.manifest, opened.model)
-        return opened.manifest, loader(opened.model, opened.manifest)
+            _writer().submit(
+                self._write_sealed,
+                opened.manifest,
+                opened.model if prepared is None else prepared,
+                form,
+            )
+        return opened.manifest, loaded
 
-    def _seal_aad(self, m: Manifest) -> bytes:
-        return _SEAL_MAGIC + m.digests.ciphertext.encode() + m.digests.plaintext.encode()
+    def _seal_aad(self, m: Manifest, form: bytes) -> bytes:
+        return (
+            _SEAL_MAGIC
+            + m.digests.ciphertext.encode()
+            + m.digests.plaintext.encode()
+            + len(form).to_bytes(2, "big")
+            + form
+        )
 
-    def _write_sealed(self, m: Manifest, model: bytes) -> None:
+    def _write_sealed(self, m: Manifest, model: bytes, form: str) -> None:
         path = self.sealed_path(m.digests.ciphertext)
-        if path.exists() or not self.path(m.digests.ciphertext).exists():
+        if not self.path(m.digests.ciphertext).exists() or self._sealed_form(path) == form:
             return
+        f = form.encode()
         nonce = secrets.token_bytes(_NONCE_BYTES)
-        sealed = self._seal.encrypt(nonce, model, self._seal_aad(m))
+        sealed = self._seal.encrypt(nonce, model, self._seal_aad(m, f))
         try:
-            write_atomic(path, _SEAL_MAGIC + nonce + sealed, mode=0o600)
+            write_atomic(
+                path, _SEAL_MAGIC + len(f).to_bytes(2, "big") + f + nonce + sealed, mode=0o600
+            )
         except OSError as e:
             log.warning("no sealed copy of %s@%s: %s", m.name, m.version, e)
 
-    def _open_sealed(self, head: Bundle) -> bytes | None:
-        """The model from this node's sealed copy, or None (absent, or it does not open).
+    @staticmethod
+    def _sealed_form(path: Path) -> str | None:
+        """The form a sealed copy says it holds (not authenticated), or None if there is none."""
+        try:
+            with path.open("rb") as f:
+                head = f.read(len(_SEAL_MAGIC) + 2 + _FORM_MAX)
+        except FileNotFoundError:
+            return None
+        n = int.from_bytes(head[len(_SEAL_MAGIC) : len(_SEAL_MAGIC) + 2], "big")
+        if not head.startswith(_SEAL_MAGIC) or n > _FORM_MAX:
+            return None
+        return head[len(_SEAL_MAGIC) + 2 : len(_SEAL_MAGIC) + 2 + n].decode(errors="replace")
+
+    def _open_sealed(self, head: Bundle, form: str) -> tuple[bytes, str] | None:
+        """The model and its form from this node's sealed copy, or None (absent, or it does not
+        open, or it holds a form other than the bundle's own model or ``form``).
 
         The file is mapped for the decryption, not read: a 2 MB read buffer is
         2 MB of fresh pages to fault in, dearer here than the decryption itself.
@@ -214,22 +286,38 @@ class BundleCache:
         """
         m = head.manifest
         path = self.sealed_path(head.digest)
-        start = len(_SEAL_MAGIC) + _NONCE_BYTES
         try:
             os.utime(self.path(head.digest))  # the bundle is still cached (and just used)
             with path.open("rb") as f:
-                if os.fstat(f.fileno()).st_size != start + m.digests.plaintext_size + 16:
-                    raise ValueError("wrong size")
                 mapped = mmap.mmap(f.fileno(), 0, flags=_MAP_FLAGS, prot=mmap.PROT_READ)
             try:
-                with memoryview(mapped) as whole, whole[start:] as sealed:
-                    if bytes(whole[: len(_SEAL_MAGIC)]) != _SEAL_MAGIC:
+                with memoryview(mapped) as whole:
+                    at = len(_SEAL_MAGIC) + 2
+                    if len(whole) < at or bytes(whole[: len(_SEAL_MAGIC)]) != _SEAL_MAGIC:
                         raise ValueError("not a sealed copy")
-                    nonce = bytes(whole[len(_SEAL_MAGIC) : start])
-                    model = self._seal.decrypt(nonce, sealed, self._seal_aad(m))
+                    n = int.from_bytes(whole[len(_SEAL_MAGIC) : at], "big")
+                    if n > _FORM_MAX or len(whole) < at + n + _NONCE_BYTES + 16:
+                        raise ValueError("truncated")
+                    got = bytes(whole[at : at + n])
+                    if got and got != form.encode():
+                        raise _OtherForm(got.decode(errors="replace"))
+                    nonce = bytes(whole[at + n : at + n + _NONCE_BYTES])
+                    with whole[at + n + _NONCE_BYTES :] as sealed:
+                        model = self._seal.decrypt(nonce, sealed, self._seal_aad(m, got))
             finally:
                 mapped.close()
         except FileNotFoundError:
+            return None
+        except _OtherForm as e:
+            # Expected after an upgrade of the runtime, or a move to another CPU.
+            log.info(
+                "sealed copy of %s@%s holds %s, not %s: checking the bundle whole",
+                m.name,
+                m.version,
+                e,
+                form or "the model",
+            )
+            path.unlink(missing_ok=True)
             return None
         except (OSError, ValueError, InvalidTag) as e:
             why = str(e) or "does not authenticate"
@@ -241,7 +329,7 @@ class BundleCache:
             )
             path.unlink(missing_ok=True)
             return None
-        return model
+        return model, form if got else ""
 
     def open(self, digest: str, *, allow_rollback: bool = False) -> Opened:
         """Verify, then decrypt into memory. Refuses a version older than the highest run.

@@ -23,7 +23,7 @@ from typing import Any
 from fnmesh.agent.assignments import Assignments
 from fnmesh.agent.cache import BundleCache
 from fnmesh.agent.dedup import ReplyCache
-from fnmesh.agent.executors import load_executor
+from fnmesh.agent.executors import NodeLoader
 from fnmesh.agent.executors.base import Executor
 from fnmesh.agent.http import async_start_http, build_app
 from fnmesh.agent.inbox import Inbox
@@ -118,6 +118,7 @@ class Agent:
         self.trust = TrustStore.from_home(self.home)
         self.trust.verify(self.identity.cert, role=Role.NODE)
         self.hardware = hardware or probe()
+        self._loader = NodeLoader(self.hardware, intra_op_threads=cfg.intra_op_threads)
         self.metrics = AgentMetrics(cfg.name)
         self.cache = BundleCache(
             cfg.state / "cache",
@@ -297,11 +298,7 @@ class Agent:
         if slot is None:
             raise IdentityError(f"{key[0]}@{key[1]} is not assigned to this node")
         manifest, ex = self.cache.load(
-            slot.digest,
-            lambda model, m: load_executor(
-                model, m, self.hardware, intra_op_threads=self.cfg.intra_op_threads
-            ),
-            allow_rollback=slot.allow_rollback,
+            slot.digest, self._loader, allow_rollback=slot.allow_rollback
         )
         self.cache.mark_run(manifest)
         return ex

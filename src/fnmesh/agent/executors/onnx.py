@@ -1,15 +1,19 @@
 """ONNX Runtime executor: a session built from model bytes held in memory only.
 
 The plaintext model never touches the disk: the session is created from bytes,
-no optimised model is saved, and TensorRT's engine and timing caches are kept
-off, because ONNX Runtime writes those as plaintext files. Engines built on
-the node are cached encrypted by the native TensorRT path instead
+the optimised model ORT can save is written only to an anonymous in-memory
+file (``memfd_create``) and handed back to the caller (the bundle cache seals
+it, see :func:`prepared_form`), and TensorRT's engine and timing caches are
+kept off, because ONNX Runtime writes those as plaintext files. Engines built
+on the node are cached encrypted by the native TensorRT path instead
 (``executors.tensorrt.EngineCache``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
 from collections.abc import Mapping
 
@@ -33,6 +37,8 @@ TENSORRT = "TensorrtExecutionProvider"
 
 #: GPU the executors use; one agent drives one device (run one agent per GPU otherwise).
 DEVICE_ID = 0
+#: Larger models are not prepared: protobuf cannot serialise a graph of 2 GiB or more.
+PREPARE_MAX_BYTES = 1 << 30
 
 
 def _ort_errors() -> tuple[type[BaseException], ...]:
@@ -93,6 +99,28 @@ def provider_options(provider: str) -> dict[str, str]:
     return {}
 
 
+def prepared_form(manifest: Manifest, hardware: Hardware) -> str:
+    """The form of a model :func:`load_onnx` prepares on this node, or "" for none.
+
+    On the CPU provider, ORT's graph optimisations (fusions, and layouts
+    chosen for this CPU's vector units) cost about a third of a session's
+    creation, every time. Done once and saved, the optimised graph loads with
+    the optimisations off. It is only good for the ORT build and the CPU
+    features it was made with, which the form names (the features as a
+    digest), so a node that changes either drops its prepared copies. GPU
+    providers are not prepared: their graphs are partitioned at load.
+    """
+    if not hasattr(os, "memfd_create"):  # Linux only: elsewhere nothing is prepared
+        return ""
+    try:
+        if choose_providers(manifest.requirements.gpu, hardware) != [CPU]:
+            return ""
+    except UnsupportedHardwareError:
+        return ""
+    cpu = hashlib.sha256("\n".join((hardware.arch, *hardware.cpu_flags)).encode()).hexdigest()
+    return f"onnxruntime {ort.__version__} optimised for {hardware.arch or 'cpu'} {cpu[:16]}"
+
+
 def session_options(intra_op_threads: int = 1) -> ort.SessionOptions:
     """Session options for a node running several functions on few cores."""
     if intra_op_threads < 1:
@@ -114,9 +142,12 @@ class OnnxExecutor:
 
     __slots__ = (
         "_function",
+        "form",
         "_inputs",
+        "_manifest",
         "_memory_bytes",
         "_outputs",
+        "_prepared",
         "_session",
         "inline_ok",
         "load_seconds",
@@ -130,8 +161,15 @@ class OnnxExecutor:
         memory_bytes: int,
         load_seconds: float,
         intra_op_threads: int = 1,
+        prepared: bytes | None = None,
+        manifest: Manifest | None = None,
+        form: str = "",
     ) -> None:
         self._session: ort.InferenceSession | None = session
+        self._prepared = prepared
+        self._manifest = manifest
+        #: The form the session was made from: "" for the bundle's model (see ``prepared_form``).
+        self.form = form
         self._function = function
         self._inputs = tuple(i.name for i in session.get_inputs())
         self._outputs = tuple(o.name for o in session.get_outputs())
@@ -164,6 +202,16 @@ class OnnxExecutor:
     @property
     def output_names(self) -> tuple[str, ...]:
         return self._outputs
+
+    def warm_up(self) -> None:
+        """One run on zeros, so that the next run finds a warm session (see ``_warm_up``)."""
+        if self._session is not None and self._manifest is not None:
+            _warm_up(self._session, self._manifest)
+
+    def take_prepared(self) -> bytes | None:
+        """The optimised model ``load_onnx(..., prepare=True)`` made, once (then None)."""
+        prepared, self._prepared = self._prepared, None
+        return prepared
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self._session
@@ -208,8 +256,16 @@ def load_onnx(
     hardware: Hardware,
     *,
     intra_op_threads: int = 1,
+    form: str = "",
+    prepare: bool = False,
+    warm_up: bool = True,
 ) -> OnnxExecutor:
     """Create an ORT session for the function on the best provider its ``gpu`` requirement allows.
+
+    ``form`` says the bytes are a model prepared earlier (see :func:`prepared_form`);
+    with ``prepare``, the executor also holds this node's prepared form of the
+    model (``take_prepared``), where there is one. Without ``warm_up``, the
+    caller runs the session first (a request's run, or ``warm_up()``).
 
     Blocks (tens of milliseconds for small models, much longer when TensorRT
     builds an engine): call it off the event loop.
@@ -219,15 +275,39 @@ def load_onnx(
     options: list[tuple[str, dict[str, str]] | str] = [
         (p, provider_options(p)) if provider_options(p) else p for p in providers
     ]
+    so = session_options(intra_op_threads)
+    if form:
+        if form != prepared_form(manifest, hardware):
+            raise ExecutorError(
+                f"{manifest.name}@{manifest.version}: the model was prepared as {form!r}, "
+                "which this node cannot load"
+            )
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    memfd = None
+    if (
+        prepare
+        and not form
+        and len(model_bytes) < PREPARE_MAX_BYTES
+        and prepared_form(manifest, hardware)
+    ):
+        memfd = os.memfd_create("fnmesh-prepared", os.MFD_CLOEXEC)
+        so.optimized_model_filepath = f"/proc/self/fd/{memfd}"
+        # ORT warns that the saved graph suits this machine only: the form says so.
+        so.log_severity_level = 3
     started = time.perf_counter()
     try:
-        session = ort.InferenceSession(
-            model_bytes, sess_options=session_options(intra_op_threads), providers=options
-        )
+        session = ort.InferenceSession(model_bytes, sess_options=so, providers=options)
+        prepared = _read_all(memfd) if memfd is not None else None
     except ORT_ERRORS as e:
         raise ExecutorError(
             f"{manifest.name}@{manifest.version}: ORT refused the model: {e}"
         ) from e
+    except OSError as e:  # the in-memory file: the session is fine, only unprepared
+        _log.warning("%s@%s: no prepared form (%s)", manifest.name, manifest.version, e)
+        prepared = None
+    finally:
+        if memfd is not None:
+            os.close(memfd)
     elapsed = time.perf_counter() - started
     got = session.get_providers()
     if gpu is GpuRequirement.REQUIRED and not any(p in got for p in (TENSORRT, CUDA)):
@@ -245,13 +325,30 @@ def load_onnx(
             providers,
             got,
         )
-    _warm_up(session, manifest)
+    if warm_up:
+        _warm_up(session, manifest)
     executor = OnnxExecutor(
         session,
         function=f"{manifest.name}@{manifest.version}",
         memory_bytes=declared_or_estimated_bytes(manifest, len(model_bytes), ONNX_MEMORY_FACTOR),
         load_seconds=elapsed,
         intra_op_threads=intra_op_threads,
+        prepared=prepared or None,
+        manifest=manifest,
+        form=form,
     )
     _log.debug("%r loaded in %.1f ms", executor, elapsed * 1000)
     return executor
+
+
+def _read_all(fd: int) -> bytes:
+    size = os.fstat(fd).st_size
+    chunks = []
+    at = 0
+    while at < size:
+        chunk = os.pread(fd, size - at, at)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        at += len(chunk)
+    return b"".join(chunks)
