@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 
@@ -13,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from fnmesh.agent.errors import CapacityError, ExecutorError, PoolClosedError
 from fnmesh.agent.executors import Executor, load_executor
 from fnmesh.agent.probe import probe
+from fnmesh.agent.runner import Runner
 from fnmesh.agent.warm_pool import PoolKey, UnloadReason, WarmPool, threaded
 from fnmesh.functions.manifest import Manifest
 
@@ -425,4 +427,122 @@ async def test_real_onnx_runtime_behind_the_pool() -> None:
         assert not cold
         assert again is ex
     assert pool.stats().bytes == ex.memory_bytes
+    await pool.async_close()
+
+
+class WarmedStub(StubExecutor):
+    """A stub that counts warm-up runs and the threads that ran it."""
+
+    def __init__(self, key: PoolKey, size: int) -> None:
+        super().__init__(key, size)
+        self.warm_ups = 0
+        self.run_threads: list[str] = []
+
+    def warm_up(self) -> None:
+        self.warm_ups += 1
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.run_threads.append(threading.current_thread().name)
+        return super().run(inputs)
+
+
+class BlockingLoad:
+    """A blocking loader (as ``load_executor`` is) held at a gate until the test opens it."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        self.fail = False
+        self.made: list[WarmedStub] = []
+
+    def __call__(self, key: PoolKey) -> Executor:
+        self.entered.set()
+        assert self.gate.wait(WAIT), "the test never opened the gate"
+        if self.fail:
+            raise ExecutorError(f"cannot load {key}")
+        ex = WarmedStub(key, 100)
+        self.made.append(ex)
+        return ex
+
+
+async def _entered(load: BlockingLoad) -> None:
+    assert await asyncio.to_thread(load.entered.wait, WAIT), "the load never started"
+
+
+async def test_a_rider_runs_on_the_loading_thread_instead_of_the_warm_up() -> None:
+    load, runner = BlockingLoad(), Runner(1, name="test-load")
+    pool = WarmPool(1000, 60.0, threaded(load, runner))
+    try:
+        x = {"x": np.arange(3, dtype=np.float32)}
+        first = pool.ride(A, lambda ex: ex.run(x))
+        second = pool.ride(A, lambda ex: ex.run({"x": x["x"] * 2}))
+        assert first is not None and second is not None
+        await _entered(load)
+        load.gate.set()
+        async with asyncio.timeout(WAIT):
+            got = await asyncio.gather(first, second)
+        np.testing.assert_array_equal(got[0]["x"], x["x"])
+        np.testing.assert_array_equal(got[1]["x"], x["x"] * 2)
+        (ex,) = load.made
+        assert ex.run_threads == ["test-load-0", "test-load-0"]
+        assert ex.warm_ups == 0, "a load with riders needs no warm-up run"
+        assert pool.is_warm(A) and pool.stats().loads == 1
+        # Loaded now: nothing rides, the caller leases.
+        assert pool.ride(A, lambda ex: None) is None
+        async with pool.lease(A) as (leased, cold):
+            assert leased is ex and not cold
+    finally:
+        await pool.async_close()
+        runner.shutdown()
+
+
+async def test_a_load_without_riders_warms_up() -> None:
+    load, runner = BlockingLoad(), Runner(1)
+    load.gate.set()
+    pool = WarmPool(1000, 60.0, threaded(load, runner))
+    try:
+        assert await pool.async_prewarm(A)
+        assert load.made[0].warm_ups == 1
+    finally:
+        await pool.async_close()
+        runner.shutdown()
+
+
+async def test_a_failed_load_fails_its_riders_and_a_failing_rider_only_itself() -> None:
+    load, runner = BlockingLoad(), Runner(1)
+    pool = WarmPool(1000, 60.0, threaded(load, runner))
+    try:
+        load.fail = True
+        rider = pool.ride(A, lambda ex: "never")
+        assert rider is not None
+        await _entered(load)
+        load.gate.set()
+        with pytest.raises(ExecutorError, match="cannot load"):
+            async with asyncio.timeout(WAIT):
+                await rider
+        assert not pool.is_warm(A) and pool.stats().load_failures == 1
+
+        load.fail = False
+
+        def broken(ex: Executor) -> None:
+            raise ValueError("the rider's own bug")
+
+        bad = pool.ride(A, broken)
+        good = pool.ride(A, lambda ex: "fine")
+        assert bad is not None and good is not None
+        with pytest.raises(ValueError, match="own bug"):
+            async with asyncio.timeout(WAIT):
+                await bad
+        async with asyncio.timeout(WAIT):
+            assert await good == "fine"
+        assert pool.is_warm(A)
+    finally:
+        await pool.async_close()
+        runner.shutdown()
+
+
+async def test_an_async_loader_takes_no_riders() -> None:
+    pool, loader, _, _ = make_pool()
+    assert pool.ride(A, lambda ex: None) is None
+    assert loader.calls == []
     await pool.async_close()

@@ -182,6 +182,13 @@ def _worker_run(
     return outputs, floor
 
 
+def _first_run(inputs: dict[str, np.ndarray], ex: Executor) -> tuple[dict[str, np.ndarray], float]:
+    """A cold start's batch, on the loading thread (see ``WarmPool.ride``): outputs and seconds."""
+    t = time.perf_counter()
+    outputs = ex.run(inputs)
+    return outputs, time.perf_counter() - t
+
+
 def _batchable(m: Manifest) -> bool:
     """Requests can be stacked only if every tensor has a symbolic leading (batch) axis."""
     return all(s.shape and isinstance(s.shape[0], str) for s in (*m.inputs, *m.outputs))
@@ -552,39 +559,58 @@ class InvocationService:
             return
         m = slot.manifest
         try:
-            async with self.pool.lease(slot.key, size_hint=slot.size_hint) as (
-                ex,
-                cold,
-            ):
-                inputs = self._stack(m, live)
-                calibrate = (
-                    len(live) == 1
-                    and live[0].rows == 1
-                    and not cold
-                    and self._calibration_due(slot)
-                    and getattr(ex, "inline_ok", False)
-                )
-                started = self._clock()
-                outputs, floor = await self._runner.run(_worker_run, ex, inputs, calibrate)
+            inputs = self._stack(m, live)
+            ridden = self.pool.ride(
+                slot.key, functools.partial(_first_run, inputs), size_hint=slot.size_hint
+            )
+            if ridden is not None:
+                # A cold start: the batch runs on the loading thread, straight after the load.
+                outputs, run_s = await ridden
                 ended = self._clock()
-                slot.since_calibration += 1
-                if calibrate:
-                    slot.calibrations += 1
-                    slot.since_calibration = 0
-                if floor is not None:
-                    slot.floor_s = floor
-                    log.info(
-                        "%s: %.1f us of CPU per row, warm; %s",
-                        function_id,
-                        slot.floor_s * 1e6,
-                        "runs on the event loop"
-                        if slot.floor_s <= self.inline_run_s
-                        else "runs on workers",
-                    )
+                started = ended - run_s
+                cold = True
+            else:
+                outputs, started, ended, cold = await self._lease_and_run(
+                    function_id, slot, live, inputs
+                )
         except Exception as e:  # a bug or a runtime failure must not stop the batcher
             self._crashed(function_id, m, live, e)
             return
         self._answer(function_id, slot, live, outputs, started, ended, cold, False)
+
+    async def _lease_and_run(
+        self, function_id: str, slot: Slot, live: list[Pending], inputs: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], float, float, bool]:
+        """Run a batch on a worker under a lease (loading the executor first if it must)."""
+        async with self.pool.lease(slot.key, size_hint=slot.size_hint) as (
+            ex,
+            cold,
+        ):
+            calibrate = (
+                len(live) == 1
+                and live[0].rows == 1
+                and not cold
+                and self._calibration_due(slot)
+                and getattr(ex, "inline_ok", False)
+            )
+            started = self._clock()
+            outputs, floor = await self._runner.run(_worker_run, ex, inputs, calibrate)
+            ended = self._clock()
+            slot.since_calibration += 1
+            if calibrate:
+                slot.calibrations += 1
+                slot.since_calibration = 0
+            if floor is not None:
+                slot.floor_s = floor
+                log.info(
+                    "%s: %.1f us of CPU per row, warm; %s",
+                    function_id,
+                    slot.floor_s * 1e6,
+                    "runs on the event loop"
+                    if slot.floor_s <= self.inline_run_s
+                    else "runs on workers",
+                )
+        return outputs, started, ended, cold
 
     def _may_inline(self, slot: Slot) -> bool:
         return self.inline_run_s > 0 and slot.inline

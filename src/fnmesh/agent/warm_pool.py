@@ -8,7 +8,12 @@ The pool promises:
   of an executor that is leased (in use); when only leased executors could
   make room, the acquire fails with ``CapacityError`` instead of overcommitting;
 - idle executors are unloaded ``idle_ttl_s`` after their last use, by
-  ``async_sweep`` (call it periodically, or ``start_sweeper``).
+  ``async_sweep`` (call it periodically, or ``start_sweeper``);
+- with a ``threaded`` loader, the work that was waiting for a load can ride
+  on it (``ride``): it runs on the loading thread as soon as the model is
+  loaded, instead of the model's warm-up run, and its outcome comes back to
+  the loop with the load's. A cold start then pays one thread hand-off each
+  way, not three.
 
 All methods run on the event loop (they are not thread-safe); loading happens
 off it, in the ``loader`` the agent supplies. The pool knows nothing of MQTT:
@@ -20,12 +25,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from fnmesh.agent.errors import CapacityError, PoolClosedError
 from fnmesh.agent.executors.base import Executor
@@ -38,18 +44,100 @@ PoolKey = tuple[str, str]
 #: Loads the executor for a key. Must do its blocking work off the event loop (see ``threaded``).
 Loader = Callable[[PoolKey], Awaitable[Executor]]
 UnloadReason = Literal["evicted", "expired", "unloaded", "closed"]
+T = TypeVar("T")
 
 
-def threaded(load: Callable[[PoolKey], Executor], runner: Runner | None = None) -> Loader:
-    """Wrap a blocking loader (such as ``load_executor``) to run in a worker thread: one of
-    ``runner``'s, or else the loop's default executor."""
+class Riders:
+    """Work waiting for one load, run on the loading thread once the executor is loaded.
 
-    async def _async_load(key: PoolKey) -> Executor:
-        if runner is not None:
-            return await runner.run(load, key)
-        return await asyncio.to_thread(load, key)
+    The loop adds riders (``add``) until the loading thread takes them
+    (``take``), which closes the list: a rider that comes later is refused
+    and must lease the executor instead. Outcomes go back to the loop with
+    the load's own (``deliver``).
+    """
 
-    return _async_load
+    __slots__ = ("_done", "_jobs", "_lock", "_open")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: list[tuple[Callable[[Executor], Any], asyncio.Future[Any]]] = []
+        self._done: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        self._open = True
+
+    def add(self, fn: Callable[[Executor], T]) -> asyncio.Future[T] | None:
+        """Queue ``fn(executor)``; None if the loading thread has already taken the riders."""
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            if not self._open:
+                return None
+            self._jobs.append((fn, fut))
+        return fut
+
+    def take(self) -> list[tuple[Callable[[Executor], Any], asyncio.Future[Any]]]:
+        """Close the list and return what was queued (on the loading thread)."""
+        with self._lock:
+            self._open = False
+            jobs, self._jobs = self._jobs, []
+        return jobs
+
+    def run(self, executor: Executor) -> bool:
+        """Run the riders on ``executor`` (on the loading thread); False if there were none."""
+        jobs = self.take()
+        for fn, fut in jobs:
+            try:
+                self._done.append((fut, fn(executor), None))
+            except Exception as e:  # the rider's own failure, handed to it on the loop
+                self._done.append((fut, None, e))
+        return bool(jobs)
+
+    def deliver(self, error: BaseException | None = None) -> None:
+        """On the loop: hand each rider its outcome; riders that never ran get ``error``."""
+        for fut, fn_result, fn_error in self._done:
+            if not fut.done():
+                if fn_error is not None:
+                    fut.set_exception(fn_error)
+                else:
+                    fut.set_result(fn_result)
+        self._done = []
+        for _fn, fut in self.take():
+            if not fut.done():
+                # Never a cancellation: the rider's caller must answer its requests.
+                fut.set_exception(
+                    error
+                    if isinstance(error, Exception)
+                    else PoolClosedError("the load was stopped before it could run this")
+                )
+
+
+class ThreadedLoader:
+    """A blocking loader (such as ``load_executor``) run on a worker thread: one of
+    ``runner``'s, or else the loop's default executor.
+
+    The load is followed, on the same thread, by its riders' work if it has
+    any, or else by the executor's warm-up run (``warm_up()``, if it has one).
+    """
+
+    def __init__(self, load: Callable[[PoolKey], Executor], runner: Runner | None = None) -> None:
+        self._load = load
+        self._runner = runner
+
+    def _job(self, key: PoolKey, riders: Riders | None) -> Executor:
+        executor = self._load(key)
+        if riders is None or not riders.run(executor):
+            warm_up = getattr(executor, "warm_up", None)
+            if warm_up is not None:
+                warm_up()
+        return executor
+
+    async def __call__(self, key: PoolKey, riders: Riders | None = None) -> Executor:
+        if self._runner is not None:
+            return await self._runner.run(self._job, key, riders)
+        return await asyncio.to_thread(self._job, key, riders)
+
+
+def threaded(load: Callable[[PoolKey], Executor], runner: Runner | None = None) -> ThreadedLoader:
+    """Wrap a blocking loader to run in a worker thread (see :class:`ThreadedLoader`)."""
+    return ThreadedLoader(load, runner)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +211,8 @@ class WarmPool:
         #: Every live entry by executor identity, retiring ones included (for release).
         self._by_executor: dict[int, _Entry] = {}
         self._loading: dict[PoolKey, asyncio.Task[None]] = {}
+        #: Riders of the loads in flight (threaded loaders only).
+        self._riders: dict[PoolKey, Riders] = {}
         self._bytes = 0
         #: Size hints of loads in flight, held against the budget until they finish.
         self._reserved = 0
@@ -173,6 +263,22 @@ class WarmPool:
         """Start loading ``key`` unless it is loaded or loading (a lease for it is coming)."""
         if not self._closed and key not in self._entries:
             self._load_task(key, size_hint)
+
+    def ride(
+        self, key: PoolKey, fn: Callable[[Executor], T], *, size_hint: int = 0
+    ) -> asyncio.Future[T] | None:
+        """Run ``fn(executor)`` on the loading thread as soon as ``key`` is loaded.
+
+        Starts the load if none is under way. Returns None when ``fn`` cannot
+        ride (the key is loaded, the load is already handing its executor
+        back, or the loader is not threaded): lease the executor instead. The
+        future fails with the load's error if the load fails.
+        """
+        if self._closed or key in self._entries or not isinstance(self._loader, ThreadedLoader):
+            return None
+        self._load_task(key, size_hint)
+        riders = self._riders.get(key)
+        return riders.add(fn) if riders is not None else None
 
     def try_acquire(self, key: PoolKey) -> Executor | None:
         """Lease ``key`` only if it is loaded (never waits); pair with ``release``."""
@@ -320,27 +426,39 @@ class WarmPool:
     def _load_task(self, key: PoolKey, size_hint: int) -> asyncio.Task[None]:
         task = self._loading.get(key)
         if task is None:
+            riders = Riders() if isinstance(self._loader, ThreadedLoader) else None
             task = asyncio.get_running_loop().create_task(
-                self._async_load(key, size_hint), name=f"warm-pool-load {key[0]}@{key[1]}"
+                self._async_load(key, size_hint, riders), name=f"warm-pool-load {key[0]}@{key[1]}"
             )
             self._loading[key] = task
-            task.add_done_callback(partial(self._load_done, key))
+            if riders is not None:
+                self._riders[key] = riders
+            task.add_done_callback(partial(self._load_done, key, riders))
         return task
 
-    def _load_done(self, key: PoolKey, task: asyncio.Task[None]) -> None:
+    def _load_done(self, key: PoolKey, riders: Riders | None, task: asyncio.Task[None]) -> None:
         if self._loading.get(key) is task:
             del self._loading[key]
+        if riders is not None:
+            # Outcomes go out once the load is over: a rider that then retries finds no
+            # load in flight and starts a new one.
+            if self._riders.get(key) is riders:
+                del self._riders[key]
+            riders.deliver(None if task.cancelled() else task.exception())
         # Retrieve the outcome so a failure nobody awaited (all waiters gone) is not logged
         # as "exception never retrieved"; the waiters that remain get it themselves.
         if not task.cancelled():
             task.exception()
 
-    async def _async_load(self, key: PoolKey, size_hint: int) -> None:
+    async def _async_load(self, key: PoolKey, size_hint: int, riders: Riders | None) -> None:
         hint = max(0, size_hint)
         self._make_room(key, hint)
         self._reserved += hint
         try:
-            executor = await self._loader(key)
+            if riders is not None and isinstance(self._loader, ThreadedLoader):
+                executor = await self._loader(key, riders)
+            else:
+                executor = await self._loader(key)
         except Exception:
             self._load_failures += 1
             raise
