@@ -63,6 +63,7 @@ class AgentMetrics:
         )
         self._node = labels
         self._answer_cache: dict[tuple[str, str], Counter] = {}
+        self._batch_cache: dict[str, tuple[Histogram, Histogram, Counter, Counter]] = {}
 
     def answer(self, function: str, code: str) -> None:
         c = self._answer_cache.get((function, code))
@@ -76,12 +77,22 @@ class AgentMetrics:
     def batch(
         self, function: str, rows: int, run_ms: float, cold: bool, inline: bool = False
     ) -> None:
-        self.batch_rows.labels(function).observe(rows)
-        self.run_ms.labels(function).observe(run_ms)
+        children = self._batch_cache.get(function)
+        if children is None:
+            # Only served functions get here: one set of children each, looked up once.
+            children = self._batch_cache[function] = (
+                self.batch_rows.labels(function),
+                self.run_ms.labels(function),
+                self.cold_starts.labels(function),
+                self.inline_batches.labels(function),
+            )
+        rows_h, run_h, colds, inlines = children
+        rows_h.observe(rows)
+        run_h.observe(run_ms)
         if cold:
-            self.cold_starts.labels(function).inc()
+            colds.inc()
         if inline:
-            self.inline_batches.labels(function).inc()
+            inlines.inc()
 
     def spill(self, function: str) -> None:
         self.spills.labels(function).inc()
