@@ -51,6 +51,9 @@ class Verdict:
     reason: str = ""
 
 
+_ADMITTED = Verdict(True)
+
+
 def admit(
     st: ServiceTime,
     *,
@@ -74,4 +77,4 @@ def admit(
             return Verdict(
                 False, f"expected to finish in {eta:.1f} ms, deadline is in {left:.1f} ms"
             )
-    return Verdict(True)
+    return _ADMITTED
