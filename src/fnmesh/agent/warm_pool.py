@@ -52,8 +52,9 @@ class Riders:
 
     The loop adds riders (``add``) until the loading thread takes them
     (``take``), which closes the list: a rider that comes later is refused
-    and must lease the executor instead. Outcomes go back to the loop with
-    the load's own (``deliver``).
+    and must lease the executor instead. Outcomes go back to the loop as
+    soon as the riders have run, ahead of the load's own hand-back (which
+    then ``deliver``s whatever did not run).
     """
 
     __slots__ = ("_done", "_jobs", "_lock", "_open")
@@ -88,16 +89,23 @@ class Riders:
                 self._done.append((fut, fn(executor), None))
             except Exception as e:  # the rider's own failure, handed to it on the loop
                 self._done.append((fut, None, e))
+        if jobs:
+            # The answers need not wait for the pool to take the executor in.
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+                jobs[0][1].get_loop().call_soon_threadsafe(self._settle)
         return bool(jobs)
 
-    def deliver(self, error: BaseException | None = None) -> None:
-        """On the loop: hand each rider its outcome; riders that never ran get ``error``."""
+    def _settle(self) -> None:
         for fut, fn_result, fn_error in self._done:
             if not fut.done():
                 if fn_error is not None:
                     fut.set_exception(fn_error)
                 else:
                     fut.set_result(fn_result)
+
+    def deliver(self, error: BaseException | None = None) -> None:
+        """On the loop: hand each rider its outcome; riders that never ran get ``error``."""
+        self._settle()
         self._done = []
         for _fn, fut in self.take():
             if not fut.done():

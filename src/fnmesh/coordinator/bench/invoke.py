@@ -48,7 +48,7 @@ ROOT = "bench/v1"
 #: The agent unloads a function idle this long (s): each cold start follows such a spell.
 IDLE_TTL_S = 2.0
 #: Cold starts timed (each with a bare load beside it); the median is reported.
-COLD_RUNS = 5
+COLD_RUNS = 9
 
 
 def pct(xs: list[float], p: float) -> float:
