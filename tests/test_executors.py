@@ -516,3 +516,50 @@ def test_preparing_writes_nothing_to_disk(tmp_path: Path, monkeypatch: pytest.Mo
     ex = load_onnx(matmul_add_model(), make_manifest(), HW, prepare=True)
     assert ex.take_prepared()
     assert os.listdir(tmp_path) == []
+
+
+def test_a_session_without_packed_weights_answers_the_same_and_packs_later() -> None:
+    from fnmesh.functions.examples.models import build_example
+
+    example = build_example("mlp")
+    x = example.sample_inputs(64, seed=4)
+    name = next(iter(x))
+    m = make_manifest(inputs=((name, "float32", ("N", x[name].shape[1])),), outputs=())
+    packed = load_onnx(example.onnx_bytes, m, HW)
+    quick = load_onnx(example.onnx_bytes, m, HW, prepack=False)
+    assert not packed.deferred and quick.deferred
+    want = packed.run(x)
+    for a, b in zip(want.values(), quick.run(x).values(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    # Runs keep going, and stay right, while the packed session is built and swapped in.
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def runner() -> None:
+        while not stop.is_set():
+            try:
+                for a, b in zip(want.values(), quick.run(x).values(), strict=True):
+                    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+            except BaseException as e:  # handed to the test thread
+                errors.append(e)
+                return
+
+    threads = [threading.Thread(target=runner) for _ in range(2)]
+    for t in threads:
+        t.start()
+    quick.finish_load()
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert not errors, errors[0]
+    assert not quick.deferred
+    for a, b in zip(want.values(), quick.run(x).values(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    # Closed first: finishing does not bring the session back.
+    late = load_onnx(example.onnx_bytes, m, HW, prepack=False)
+    late.close()
+    late.finish_load()
+    with pytest.raises(ExecutorError, match="closed"):
+        late.run(x)

@@ -548,3 +548,51 @@ async def test_an_async_loader_takes_no_riders() -> None:
     assert pool.ride(A, lambda ex: None) is None
     assert loader.calls == []
     await pool.async_close()
+
+
+class DeferredStub(WarmedStub):
+    """A stub loaded the quick way: it finishes loading later, on a loading thread."""
+
+    def __init__(self, key: PoolKey, size: int) -> None:
+        super().__init__(key, size)
+        self.deferred = True
+        self.finished = threading.Event()
+        self.finish_thread = ""
+
+    def finish_load(self) -> None:
+        self.finish_thread = threading.current_thread().name
+        self.deferred = False
+        self.finished.set()
+
+
+async def test_a_load_with_work_waiting_loads_quick_and_finishes_after() -> None:
+    load, runner = BlockingLoad(), Runner(1, name="test-load")
+    quick_made: list[DeferredStub] = []
+
+    def quick(key: PoolKey) -> Executor:
+        ex = DeferredStub(key, 100)
+        quick_made.append(ex)
+        return ex
+
+    pool = WarmPool(1000, 60.0, threaded(load, runner, quick=quick))
+    try:
+        # Nothing waiting: the full load, warmed up.
+        load.gate.set()
+        assert await pool.async_prewarm(A)
+        assert len(load.made) == 1 and load.made[0].warm_ups == 1 and not quick_made
+        # A request waiting as the load starts: the quick load, answered, then finished.
+        load.gate.clear()
+        rider = pool.ride(B, lambda ex: ex.run({"x": np.ones(2)}))
+        assert rider is not None
+        async with asyncio.timeout(WAIT):
+            got = await rider
+        np.testing.assert_array_equal(got["x"], np.ones(2))
+        (ex,) = quick_made
+        assert await asyncio.to_thread(ex.finished.wait, WAIT), "the load was never finished"
+        assert ex.finish_thread == "test-load-0"
+        assert ex.run_threads == ["test-load-0"] and ex.warm_ups == 0
+        async with pool.lease(B) as (leased, _):
+            assert leased is ex and not leased.deferred
+    finally:
+        await pool.async_close()
+        runner.shutdown()

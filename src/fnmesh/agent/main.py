@@ -16,7 +16,7 @@ import os
 import signal
 import ssl
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,8 @@ class Agent:
         self.trust.verify(self.identity.cert, role=Role.NODE)
         self.hardware = hardware or probe()
         self._loader = NodeLoader(self.hardware, intra_op_threads=cfg.intra_op_threads)
+        # For a request waiting on a cold start: weights packed after it is answered.
+        self._quick_loader = replace(self._loader, prepack=False)
         self.metrics = AgentMetrics(cfg.name)
         self.cache = BundleCache(
             cfg.state / "cache",
@@ -130,7 +132,11 @@ class Agent:
         budget = cfg.memory_budget_mb or max(256, self.hardware.memory_usable_mib // 2)
         # Loads get threads of their own: a cold start never waits behind other functions' runs.
         self._loads = Runner(2, name="fnmesh-load")
-        self.pool = WarmPool(budget << 20, cfg.idle_ttl_s, threaded(self._load, self._loads))
+        self.pool = WarmPool(
+            budget << 20,
+            cfg.idle_ttl_s,
+            threaded(self._load, self._loads, quick=self._load_quick),
+        )
         cores = self.hardware.cores_logical or os.cpu_count() or 1
         self.service = InvocationService(
             cfg.name,
@@ -292,16 +298,20 @@ class Agent:
 
     # -- loading --------------------------------------------------------------------
 
-    def _load(self, key: PoolKey) -> Executor:
+    def _load(self, key: PoolKey, loader: NodeLoader | None = None) -> Executor:
         """Verify, decrypt (memory only) and load a function. Runs on a worker thread."""
         slot = self.service.slot_for_key(key)
         if slot is None:
             raise IdentityError(f"{key[0]}@{key[1]} is not assigned to this node")
         manifest, ex = self.cache.load(
-            slot.digest, self._loader, allow_rollback=slot.allow_rollback
+            slot.digest, loader or self._loader, allow_rollback=slot.allow_rollback
         )
         self.cache.mark_run(manifest)
         return ex
+
+    def _load_quick(self, key: PoolKey) -> Executor:
+        """``_load`` for a request that waits: weights are packed once it is answered."""
+        return self._load(key, self._quick_loader)
 
     async def async_serve_bundle(self, data: bytes, *, prewarm: bool = True) -> Bundle:
         """Store a bundle (it must carry a key for this node) and start serving it.

@@ -74,6 +74,11 @@ class Riders:
             self._jobs.append((fn, fut))
         return fut
 
+    def waiting(self) -> bool:
+        """Is work waiting for this load (on the loading thread, before it loads)?"""
+        with self._lock:
+            return bool(self._jobs)
+
     def take(self) -> list[tuple[Callable[[Executor], Any], asyncio.Future[Any]]]:
         """Close the list and return what was queued (on the loading thread)."""
         with self._lock:
@@ -123,14 +128,26 @@ class ThreadedLoader:
 
     The load is followed, on the same thread, by its riders' work if it has
     any, or else by the executor's warm-up run (``warm_up()``, if it has one).
+    When work is already waiting as the load starts, ``quick`` loads instead
+    of ``load`` if given: an executor that answers sooner and finishes loading
+    later (``deferred`` and ``finish_load()``, which the pool calls once the
+    riders are answered).
     """
 
-    def __init__(self, load: Callable[[PoolKey], Executor], runner: Runner | None = None) -> None:
+    def __init__(
+        self,
+        load: Callable[[PoolKey], Executor],
+        runner: Runner | None = None,
+        *,
+        quick: Callable[[PoolKey], Executor] | None = None,
+    ) -> None:
         self._load = load
+        self._quick = quick
         self._runner = runner
 
     def _job(self, key: PoolKey, riders: Riders | None) -> Executor:
-        executor = self._load(key)
+        hurry = self._quick is not None and riders is not None and riders.waiting()
+        executor = (self._quick if hurry and self._quick is not None else self._load)(key)
         if riders is None or not riders.run(executor):
             warm_up = getattr(executor, "warm_up", None)
             if warm_up is not None:
@@ -138,14 +155,28 @@ class ThreadedLoader:
         return executor
 
     async def __call__(self, key: PoolKey, riders: Riders | None = None) -> Executor:
+        return await self._off_loop(self._job, key, riders)
+
+    async def finish(self, executor: Executor) -> None:
+        """Finish a deferred load (``executor.finish_load()``) on a loading thread."""
+        finish = getattr(executor, "finish_load", None)
+        if finish is not None and getattr(executor, "deferred", False):
+            await self._off_loop(finish)
+
+    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         if self._runner is not None:
-            return await self._runner.run(self._job, key, riders)
-        return await asyncio.to_thread(self._job, key, riders)
+            return await self._runner.run(fn, *args)
+        return await asyncio.to_thread(fn, *args)
 
 
-def threaded(load: Callable[[PoolKey], Executor], runner: Runner | None = None) -> ThreadedLoader:
+def threaded(
+    load: Callable[[PoolKey], Executor],
+    runner: Runner | None = None,
+    *,
+    quick: Callable[[PoolKey], Executor] | None = None,
+) -> ThreadedLoader:
     """Wrap a blocking loader to run in a worker thread (see :class:`ThreadedLoader`)."""
-    return ThreadedLoader(load, runner)
+    return ThreadedLoader(load, runner, quick=quick)
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +252,8 @@ class WarmPool:
         self._loading: dict[PoolKey, asyncio.Task[None]] = {}
         #: Riders of the loads in flight (threaded loaders only).
         self._riders: dict[PoolKey, Riders] = {}
+        #: Deferred loads being finished in the background (see ``ThreadedLoader``).
+        self._finishing: set[asyncio.Task[None]] = set()
         self._bytes = 0
         #: Size hints of loads in flight, held against the budget until they finish.
         self._reserved = 0
@@ -385,6 +418,9 @@ class WarmPool:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        # A finish still running ends on its thread; its executor is closed below.
+        for task in list(self._finishing):
+            task.cancel()
         loads = list(self._loading.values())
         if loads:
             _done, pending = await asyncio.wait(loads, timeout=max(0.0, timeout_s))
@@ -484,6 +520,18 @@ class WarmPool:
         self._entries[key] = entry
         self._by_executor[id(executor)] = entry
         self._bytes += size
+        if getattr(executor, "deferred", False) and isinstance(self._loader, ThreadedLoader):
+            # Its riders are answered: finish the load beside the requests that use it.
+            task = asyncio.get_running_loop().create_task(
+                self._loader.finish(executor), name=f"warm-pool-finish {key[0]}@{key[1]}"
+            )
+            self._finishing.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._finishing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            _log.error("finishing a load failed", exc_info=task.exception())
 
     def _make_room(self, key: PoolKey, needed: int) -> None:
         """Evict idle executors, least recently used first, until ``needed`` more bytes fit."""

@@ -40,6 +40,7 @@ def load_executor(
     form: str = "",
     prepare: bool = False,
     warm_up: bool = True,
+    prepack: bool = True,
 ) -> Executor:
     """Load a function's model on the best executor this node has for it. Blocks: run off the loop.
 
@@ -48,7 +49,7 @@ def load_executor(
       ``cache``: a TensorRT engine is built here (or read back from the encrypted
       cache); if TensorRT cannot take the model, ONNX Runtime runs it instead.
     - otherwise ONNX Runtime, on the providers ``choose_providers`` picks;
-      ``form``, ``prepare`` and ``warm_up`` are as for ``load_onnx``.
+      ``form``, ``prepare``, ``warm_up`` and ``prepack`` are as for ``load_onnx``.
     """
     if manifest.runtime is Runtime.TENSORRT:
         return load_plan(model_bytes, manifest, hardware)
@@ -70,6 +71,7 @@ def load_executor(
         form=form,
         prepare=prepare,
         warm_up=warm_up,
+        prepack=prepack,
     )
 
 
@@ -88,11 +90,13 @@ class NodeLoader:
     """``load_executor`` as the bundle cache's loader: it prepares ONNX Runtime's optimised
     form of CPU models (``prepared_form``) and takes it back on later loads. ONNX Runtime
     sessions come back cold: the warm pool runs them first (a waiting request, or
-    ``warm_up()``)."""
+    ``warm_up()``). With ``prepack`` off, CPU sessions come back without pre-packed
+    weights, for a request that waits on the load (``OnnxExecutor.finish_load``)."""
 
     hardware: Hardware
     intra_op_threads: int = 1
     engines: EngineCache | None = None
+    prepack: bool = True
 
     def form(self, manifest: Manifest) -> str:
         if manifest.runtime is not Runtime.ONNX or _native_trt(
@@ -113,5 +117,6 @@ class NodeLoader:
             form=form,
             prepare=not form and bool(self.form(manifest)),
             warm_up=False,
+            prepack=self.prepack,
         )
         return ex, ex.take_prepared() if isinstance(ex, OnnxExecutor) else None
