@@ -126,6 +126,22 @@ class _Known:
     verdict: Verdict
 
 
+def _form_field(form: bytes) -> bytes:
+    """A sealed copy's form as its header and AAD carry it: 2-byte length, then the form."""
+    return len(form).to_bytes(2, "big") + form
+
+
+def _read_header(buf: bytes | memoryview) -> tuple[bytes, int]:
+    """A sealed copy's form and the offset of its nonce; ValueError if ``buf`` is not one."""
+    at = len(_SEAL_MAGIC) + 2
+    if len(buf) < at or bytes(buf[: len(_SEAL_MAGIC)]) != _SEAL_MAGIC:
+        raise ValueError("not a sealed copy")
+    n = int.from_bytes(buf[len(_SEAL_MAGIC) : at], "big")
+    if n > _FORM_MAX or len(buf) < at + n:
+        raise ValueError("truncated")
+    return bytes(buf[at : at + n]), at + n
+
+
 def _node_seal_key(enc_key: X25519PrivateKey) -> bytes:
     """The node's own key for its sealed copies, derived from its X25519 key (never stored)."""
     raw = enc_key.private_bytes(
@@ -244,8 +260,7 @@ class BundleCache:
             _SEAL_MAGIC
             + m.digests.ciphertext.encode()
             + m.digests.plaintext.encode()
-            + len(form).to_bytes(2, "big")
-            + form
+            + _form_field(form)
         )
 
     def _write_sealed(self, m: Manifest, model: bytes, form: str) -> None:
@@ -256,9 +271,7 @@ class BundleCache:
         nonce = secrets.token_bytes(_NONCE_BYTES)
         sealed = self._seal.encrypt(nonce, model, self._seal_aad(m, f))
         try:
-            write_atomic(
-                path, _SEAL_MAGIC + len(f).to_bytes(2, "big") + f + nonce + sealed, mode=0o600
-            )
+            write_atomic(path, _SEAL_MAGIC + _form_field(f) + nonce + sealed, mode=0o600)
         except OSError as e:
             log.warning("no sealed copy of %s@%s: %s", m.name, m.version, e)
 
@@ -267,13 +280,10 @@ class BundleCache:
         """The form a sealed copy says it holds (not authenticated), or None if there is none."""
         try:
             with path.open("rb") as f:
-                head = f.read(len(_SEAL_MAGIC) + 2 + _FORM_MAX)
-        except FileNotFoundError:
+                form, _ = _read_header(f.read(len(_SEAL_MAGIC) + 2 + _FORM_MAX))
+        except (FileNotFoundError, ValueError):
             return None
-        n = int.from_bytes(head[len(_SEAL_MAGIC) : len(_SEAL_MAGIC) + 2], "big")
-        if not head.startswith(_SEAL_MAGIC) or n > _FORM_MAX:
-            return None
-        return head[len(_SEAL_MAGIC) + 2 : len(_SEAL_MAGIC) + 2 + n].decode(errors="replace")
+        return form.decode(errors="replace")
 
     def _open_sealed(self, head: Bundle, form: str) -> tuple[bytes, str] | None:
         """The model and its form from this node's sealed copy, or None (absent, or it does not
@@ -292,17 +302,13 @@ class BundleCache:
                 mapped = mmap.mmap(f.fileno(), 0, flags=_MAP_FLAGS, prot=mmap.PROT_READ)
             try:
                 with memoryview(mapped) as whole:
-                    at = len(_SEAL_MAGIC) + 2
-                    if len(whole) < at or bytes(whole[: len(_SEAL_MAGIC)]) != _SEAL_MAGIC:
-                        raise ValueError("not a sealed copy")
-                    n = int.from_bytes(whole[len(_SEAL_MAGIC) : at], "big")
-                    if n > _FORM_MAX or len(whole) < at + n + _NONCE_BYTES + 16:
+                    got, at = _read_header(whole)
+                    if len(whole) < at + _NONCE_BYTES + 16:
                         raise ValueError("truncated")
-                    got = bytes(whole[at : at + n])
                     if got and got != form.encode():
                         raise _OtherForm(got.decode(errors="replace"))
-                    nonce = bytes(whole[at + n : at + n + _NONCE_BYTES])
-                    with whole[at + n + _NONCE_BYTES :] as sealed:
+                    nonce = bytes(whole[at : at + _NONCE_BYTES])
+                    with whole[at + _NONCE_BYTES :] as sealed:
                         model = self._seal.decrypt(nonce, sealed, self._seal_aad(m, got))
             finally:
                 mapped.close()
