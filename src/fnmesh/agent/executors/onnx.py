@@ -11,6 +11,7 @@ on the node are cached encrypted by the native TensorRT path instead
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -119,8 +120,14 @@ def prepared_form(manifest: Manifest, hardware: Hardware) -> str:
             return ""
     except UnsupportedHardwareError:
         return ""
-    cpu = hashlib.sha256("\n".join((hardware.arch, *hardware.cpu_flags)).encode()).hexdigest()
-    return f"onnxruntime {ort.__version__} optimised for {hardware.arch or 'cpu'} {cpu[:16]}"
+    return _cpu_form(hardware.arch, hardware.cpu_flags)
+
+
+@functools.cache
+def _cpu_form(arch: str, cpu_flags: tuple[str, ...]) -> str:
+    """The prepared form for one kind of CPU (asked on every load: hashed once)."""
+    cpu = hashlib.sha256("\n".join((arch, *cpu_flags)).encode()).hexdigest()
+    return f"onnxruntime {ort.__version__} optimised for {arch or 'cpu'} {cpu[:16]}"
 
 
 def session_options(intra_op_threads: int = 1) -> ort.SessionOptions:
@@ -189,9 +196,6 @@ class OnnxExecutor:
         #: that thread alone (CPU provider, one intra-op thread), so the CPU time the
         #: caller measures is the whole cost.
         self.inline_ok = intra_op_threads == 1 and self.providers == (CPU,)
-        #: On CPU, the binding's own ``run``: the Python wrapper around it checks the inputs
-        #: again (``run`` checks them first) and handles GPU provider failures, about 8 us of
-        #: a small model's run on a busy node.
         self._direct = _direct_run(session)
 
     @property
@@ -339,8 +343,9 @@ def load_onnx(
         (p, provider_options(p)) if provider_options(p) else p for p in providers
     ]
     so = session_options(intra_op_threads)
+    mine = prepared_form(manifest, hardware) if form or prepare else ""
     if form:
-        if form != prepared_form(manifest, hardware):
+        if form != mine:
             raise ExecutorError(
                 f"{manifest.name}@{manifest.version}: the model was prepared as {form!r}, "
                 "which this node cannot load"
@@ -359,12 +364,7 @@ def load_onnx(
 
         so.add_session_config_entry("session.disable_prepacking", "1")
     memfd = None
-    if (
-        prepare
-        and not form
-        and len(model_bytes) < PREPARE_MAX_BYTES
-        and prepared_form(manifest, hardware)
-    ):
+    if prepare and not form and len(model_bytes) < PREPARE_MAX_BYTES and mine:
         memfd = os.memfd_create("fnmesh-prepared", os.MFD_CLOEXEC)
         so.optimized_model_filepath = f"/proc/self/fd/{memfd}"
         # ORT warns that the saved graph suits this machine only: the form says so.
