@@ -12,8 +12,8 @@ The pool promises:
 - with a ``threaded`` loader, the work that was waiting for a load can ride
   on it (``ride``): it runs on the loading thread as soon as the model is
   loaded, instead of the model's warm-up run, and its outcome comes back to
-  the loop with the load's. A cold start then pays one thread hand-off each
-  way, not three.
+  the loop at once, ahead of the load's. A cold start then pays one thread
+  hand-off each way, not three.
 
 All methods run on the event loop (they are not thread-safe); loading happens
 off it, in the ``loader`` the agent supplies. The pool knows nothing of MQTT:
@@ -146,8 +146,10 @@ class ThreadedLoader:
         self._runner = runner
 
     def _job(self, key: PoolKey, riders: Riders | None) -> Executor:
-        hurry = self._quick is not None and riders is not None and riders.waiting()
-        executor = (self._quick if hurry and self._quick is not None else self._load)(key)
+        load = self._load
+        if self._quick is not None and riders is not None and riders.waiting():
+            load = self._quick
+        executor = load(key)
         if riders is None or not riders.run(executor):
             warm_up = getattr(executor, "warm_up", None)
             if warm_up is not None:
@@ -484,8 +486,8 @@ class WarmPool:
         if self._loading.get(key) is task:
             del self._loading[key]
         if riders is not None:
-            # Outcomes go out once the load is over: a rider that then retries finds no
-            # load in flight and starts a new one.
+            # Riders that never ran hear once the load is over: one that then retries
+            # finds no load in flight and starts a new one.
             if self._riders.get(key) is riders:
                 del self._riders[key]
             riders.deliver(None if task.cancelled() else task.exception())
