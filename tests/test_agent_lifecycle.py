@@ -38,6 +38,7 @@ from fnmesh.agent.executors import NodeLoader, OnnxExecutor
 from fnmesh.agent.probe import probe
 from fnmesh.certs import keywrap
 from fnmesh.certs.errors import KeyWrapError
+from fnmesh.certs.identity import Identity
 from fnmesh.functions import bundle as fnb
 from fnmesh.functions.bundle import Bundle
 from fnmesh.functions.errors import BundleError, SignatureError
@@ -374,11 +375,9 @@ async def test_key_of_another_node_relabelled_as_ours_refused(fleet: Fleet, brok
 
 
 def test_disk_budget_removes_unpinned_least_recently_used(fleet: Fleet, tmp_path: Path) -> None:
-    node = fleet.node(NODE)
-    assert node.enc_key is not None
+    _, cache = node_cache(fleet, tmp_path)
     made = [build_bundle(fleet, "cancer", version=f"1.0.{i}") for i in range(4)]
     a, b, c, d = (Bundle.parse(m).digest for m in made)
-    cache = BundleCache(tmp_path / "cache", node.cn, node.enc_key, fleet.trust)
     cache.put(made[0])
     # Room for two cached bundles (as stored: reduced to this node's key), not three.
     budget = cache.budget_bytes = int(cache.usage() * 2.5)
@@ -401,6 +400,13 @@ def test_disk_budget_removes_unpinned_least_recently_used(fleet: Fleet, tmp_path
     assert cache.open(d).manifest.version == "1.0.3"
 
 
+def node_cache(fleet: Fleet, tmp_path: Path) -> tuple[Identity, BundleCache]:
+    """The node's identity and a bundle cache of its own under ``tmp_path``."""
+    node = fleet.node(NODE)
+    assert node.enc_key is not None
+    return node, BundleCache(tmp_path / "cache", node.cn, node.enc_key, fleet.trust)
+
+
 def wait_sealed(cache: BundleCache, digest: str) -> Path:
     """The sealed copy another thread writes after a whole load."""
     sealed = cache.sealed_path(digest)
@@ -417,9 +423,7 @@ def test_repeat_load_opens_the_nodes_sealed_copy(fleet: Fleet, tmp_path: Path) -
     The forged ciphertext is sealed under the bundle's real data key (what another holder of
     that key could make): AES-GCM's tag passes and only the signed plaintext digest catches it.
     """
-    node = fleet.node(NODE)
-    assert node.enc_key is not None
-    cache = BundleCache(tmp_path / "cache", node.cn, node.enc_key, fleet.trust)
+    node, cache = node_cache(fleet, tmp_path)
     stored = cache.put(build_bundle(fleet, "digits"))
     d = stored.digest
     model = stored.open(fleet.trust, node.cn, node.enc_key)
@@ -468,9 +472,7 @@ def test_repeat_load_takes_the_prepared_form_the_first_load_sealed(
     fleet: Fleet, tmp_path: Path
 ) -> None:
     """With ONNX Runtime's own loader, the sealed copy is its optimised graph for this CPU."""
-    node = fleet.node(NODE)
-    assert node.enc_key is not None
-    cache = BundleCache(tmp_path / "cache", node.cn, node.enc_key, fleet.trust)
+    node, cache = node_cache(fleet, tmp_path)
     stored = cache.put(build_bundle(fleet, "mlp"))
     model = stored.open(fleet.trust, node.cn, node.enc_key)
     loader = NodeLoader(probe())
@@ -507,9 +509,7 @@ class FormLoader:
 def test_sealed_copy_of_a_form_this_node_no_longer_loads_is_replaced(
     fleet: Fleet, tmp_path: Path
 ) -> None:
-    node = fleet.node(NODE)
-    assert node.enc_key is not None
-    cache = BundleCache(tmp_path / "cache", node.cn, node.enc_key, fleet.trust)
+    _, cache = node_cache(fleet, tmp_path)
     d = cache.put(build_bundle(fleet, "digits")).digest
     loader = FormLoader("runtime 1")
     cache.load(d, loader)
@@ -528,9 +528,7 @@ def test_sealed_copy_of_a_form_this_node_no_longer_loads_is_replaced(
 
 
 def test_sealed_copy_without_its_bundle_is_not_served(fleet: Fleet, tmp_path: Path) -> None:
-    node = fleet.node(NODE)
-    assert node.enc_key is not None
-    cache = BundleCache(tmp_path / "cache", node.cn, node.enc_key, fleet.trust)
+    _, cache = node_cache(fleet, tmp_path)
     d = cache.put(build_bundle(fleet, "digits")).digest
     cache.load(d, PlainLoader(lambda b, m: b))
     sealed = wait_sealed(cache, d)
@@ -543,9 +541,7 @@ def test_sealed_copy_without_its_bundle_is_not_served(fleet: Fleet, tmp_path: Pa
 
 def test_repeat_load_still_checks_revocation(fleet: Fleet, tmp_path: Path) -> None:
     """A repeat load reuses the signature's verdict only under the same trust store."""
-    node = fleet.node(NODE)
-    assert node.enc_key is not None
-    cache = BundleCache(tmp_path / "cache", node.cn, node.enc_key, fleet.trust)
+    _, cache = node_cache(fleet, tmp_path)
     stored = cache.put(build_bundle(fleet, "digits"))
     given: list[bytes] = []
 
