@@ -127,12 +127,12 @@ class AgentMetrics:
         )
         self.node = node
 
-    def answer(self, function: str, code: str) -> None:
+    def answer(self, function: str, code: str, count: int = 1) -> None:
         answers = self._per_request.answers
         key = (function, code)
         if key not in answers and len(answers) >= MAX_ANSWER_LABELS:
             key = ("other", code)  # never let topics grow the metrics without bound
-        answers[key] = answers.get(key, 0) + 1
+        answers[key] = answers.get(key, 0) + count
 
     def batch(
         self, function: str, rows: int, run_ms: float, cold: bool, inline: bool = False

@@ -78,14 +78,19 @@ DEFAULT_MAX_PAYLOAD = 1 << 20
 
 
 class _Recording:
-    """Wraps the first execution's sink: stores the answer and answers waiting duplicates."""
+    """Wraps the first execution's sink: stores the answer and answers waiting duplicates.
 
-    __slots__ = ("_cache", "_inner", "_key", "topic")
+    The answer goes out first; storing it and answering the duplicates waiting for
+    it are left to ``later`` (the service's after-the-answer work).
+    """
 
-    def __init__(self, inner: Any, cache: ReplyCache, key: Key) -> None:
+    __slots__ = ("_cache", "_inner", "_key", "_later", "topic")
+
+    def __init__(self, inner: Any, cache: ReplyCache, key: Key, later: Callable[..., None]) -> None:
         self._inner = inner
         self._cache = cache
         self._key = key
+        self._later = later
         self.topic = key[0]
 
     def accept(self, reply_to: str | None) -> bool:
@@ -96,11 +101,11 @@ class _Recording:
 
     def send(self, result: Result, encoding: Encoding) -> None:
         payload = encode_result(result, encoding)
-        waiters = self._cache.complete(
-            self._key, payload, encoding, store=isinstance(result, Response)
-        )
         self._inner.send_encoded(payload, encoding)
-        for w in waiters:
+        self._later(self._complete, payload, encoding, type(result) is Response)
+
+    def _complete(self, payload: bytes, encoding: Encoding, store: bool) -> None:
+        for w in self._cache.complete(self._key, payload, encoding, store=store):
             w.send_encoded(payload, encoding)
 
 
@@ -240,6 +245,9 @@ class InvocationService:
         self.starting = True
         #: function -> when it stopped being served here (requests routed before the move).
         self._removed: dict[str, float] = {}
+        #: Work left until the answers of this loop pass are written (see ``_after``).
+        self._later: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- what is served -------------------------------------------------------------
 
@@ -451,7 +459,7 @@ class InvocationService:
             return
         if key is not None and self.dedup is not None:
             self.dedup.start(key)
-            sink = _Recording(sink, self.dedup, key)
+            sink = _Recording(sink, self.dedup, key, self._after)
         # A cold start begins here, not once the batch is formed: the load is under way
         # while the request goes through the batcher.
         self.pool.prefetch(slot.key, size_hint=slot.size_hint)
@@ -666,21 +674,15 @@ class InvocationService:
         cold: bool,
         inline: bool,
     ) -> None:
-        """Send each caller its own rows of the batch's outputs."""
+        """Send each caller its own rows of the batch's outputs (the accounting comes after)."""
         m = slot.manifest
-        rows = sum(p.rows for p in live)
         run_ms = (ended - started) * 1000.0
-        slot.stats.observe(run_ms, rows)
-        self.metrics.batch(function_id, rows, run_ms, cold, inline)
+        one = len(live) == 1
         offset = 0
         for p in live:
             meta = p.meta
-            if len(live) == 1:
-                mine = outputs
-            else:
-                mine = {k: v[offset : offset + p.rows] for k, v in outputs.items()}
+            mine = outputs if one else {k: v[offset : offset + p.rows] for k, v in outputs.items()}
             offset += p.rows
-            self.metrics.answer(function_id, "ok")
             meta.sink.send(
                 Response(
                     id=meta.id,
@@ -696,6 +698,44 @@ class InvocationService:
                 ),
                 meta.encoding,
             )
+        self._after(self._account, function_id, slot, offset, len(live), run_ms, cold, inline)
+
+    def _account(
+        self,
+        function_id: str,
+        slot: Slot,
+        rows: int,
+        answers: int,
+        run_ms: float,
+        cold: bool,
+        inline: bool,
+    ) -> None:
+        slot.stats.observe(run_ms, rows)
+        self.metrics.batch(function_id, rows, run_ms, cold, inline)
+        self.metrics.answer(function_id, "ok", answers)
+
+    def _after(self, fn: Callable[..., None], *args: Any) -> None:
+        """Do ``fn(*args)`` once the answers sent in this loop pass are written.
+
+        Bookkeeping (metrics, service times, the duplicate store) is not on the
+        caller's path. The MQTT client writes in the loop's next pass, and this
+        work is queued behind that write, ahead of anything read in that pass:
+        no later request can see the work undone.
+        """
+        if not self._later:
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            loop.call_soon(self._settle)
+        self._later.append((fn, args))
+
+    def _settle(self) -> None:
+        later, self._later = self._later, []
+        for fn, args in later:
+            try:
+                fn(*args)
+            except Exception:  # bookkeeping must not stop the answers that follow
+                log.exception("after-the-answer work failed")
 
     # -- load -----------------------------------------------------------------------
 
