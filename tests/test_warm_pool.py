@@ -244,6 +244,27 @@ async def test_idle_executors_expire_after_ttl() -> None:
     await pool.async_close()
 
 
+async def test_warm_hands_out_a_loaded_executor_and_counts_it_as_a_use() -> None:
+    pool, _, clock, unloaded = make_pool(budget=200, ttl=10.0)
+    assert pool.warm(A) is None, "warm never loads"
+    for key in (A, B):
+        async with pool.lease(key):
+            pass
+    clock.now += 8
+    ex = pool.warm(A)  # A is now the most recently used, and its idle time starts again
+    assert ex is not None and ex.run({"x": np.ones(1)})["x"][0] == 1
+    assert pool.stats().loaded == (B, A)
+    async with pool.lease(C):  # over budget: the least recently used (B) goes
+        pass
+    assert unloaded == [(B, "evicted")]
+    clock.now += 9
+    assert await pool.async_sweep() == [], "A was used 9 s ago (TTL 10 s)"
+    clock.now += 1
+    assert A in await pool.async_sweep()
+    await pool.async_close()
+    assert pool.warm(C) is None, "a closed pool hands out nothing"
+
+
 async def test_leased_executor_never_expires() -> None:
     pool, _, clock, _ = make_pool(ttl=10.0)
     async with pool.lease(A) as (ex, _):

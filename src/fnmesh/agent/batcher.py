@@ -21,42 +21,40 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 
 @dataclass(slots=True, eq=False)
 class Pending:
-    """One admitted request waiting for, or in, a batch."""
+    """One admitted request waiting for, or in, a batch: what the batcher needs of it.
 
-    inputs: dict[str, np.ndarray]
+    The service's requests are a subclass that carries the rest (inputs, where
+    the answer goes), so each request is one object.
+    """
+
     rows: int
     received: float
-    deadline: float | None
-    done: Callable[..., None]
-    meta: Any = None
-    started: float = field(default=0.0)
 
 
-RunBatch = Callable[[list["Pending"]], Awaitable[None]]
+P = TypeVar("P", bound=Pending)
+RunBatch = Callable[[list[P]], Awaitable[None]]
 #: Runs a batch synchronously if it may; False leaves it to the ``RunBatch`` coroutine.
-RunInline = Callable[[list["Pending"]], bool]
+RunInline = Callable[[list[P]], bool]
 
 
-class Batcher:
+class Batcher(Generic[P]):
     """Gathers requests for one function into batches and runs them one at a time."""
 
     def __init__(
         self,
-        run: RunBatch,
+        run: RunBatch[P],
         *,
         max_batch: int,
         max_delay_s: float = 0.0,
         max_queue: int = 1024,
         clock: Callable[[], float] = time.monotonic,
-        inline: RunInline | None = None,
+        inline: RunInline[P] | None = None,
     ) -> None:
         self._run = run
         self._inline = inline
@@ -64,7 +62,7 @@ class Batcher:
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
         self._clock = clock
-        self._queue: deque[Pending] = deque()
+        self._queue: deque[P] = deque()
         self.queued_rows = 0
         self.running_rows = 0
         self._task: asyncio.Task[None] | None = None
@@ -82,7 +80,7 @@ class Batcher:
     def full(self) -> bool:
         return len(self._queue) >= self.max_queue
 
-    def submit(self, p: Pending) -> None:
+    def submit(self, p: P) -> None:
         """Queue ``p`` (the caller has checked :meth:`full`); start a batch if idle."""
         idle = self._task is None or self._task.done()
         if idle and not self._queue and self._inline is not None and self._inline([p]):
@@ -100,7 +98,7 @@ class Batcher:
             if not first and self.max_delay_s > 0 and self.queued_rows < self.max_batch:
                 await self._wait_for_more()
             first = False
-            batch: list[Pending] = []
+            batch: list[P] = []
             rows = 0
             while self._queue and (not batch or rows + self._queue[0].rows <= self.max_batch):
                 p = self._queue.popleft()
@@ -142,7 +140,7 @@ class Batcher:
         except TimeoutError:
             return False
 
-    def take_all(self) -> list[Pending]:
+    def take_all(self) -> list[P]:
         """Remove and return everything queued (for answering it on shutdown)."""
         items = list(self._queue)
         self._queue.clear()

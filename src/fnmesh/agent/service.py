@@ -129,7 +129,7 @@ class Slot:
 
     manifest: Manifest
     digest: str
-    batcher: Batcher
+    batcher: Batcher[_Call]
     allow_rollback: bool = False
     stats: ServiceTime = field(default_factory=ServiceTime)
     batchable: bool = True
@@ -143,19 +143,22 @@ class Slot:
     floor_s: float | None = None
     calibrations: int = 0
     since_calibration: int = 0
+    #: The warm pool's key for this version, (name, version).
+    key: PoolKey = field(init=False)
+    #: Bytes the manifest says a loaded model needs (0: not said), for the warm pool.
+    size_hint: int = field(init=False)
 
-    @property
-    def key(self) -> PoolKey:
-        return (self.manifest.name, self.manifest.version)
-
-    @property
-    def size_hint(self) -> int:
-        """Bytes the manifest says a loaded model needs (0: not said), for the warm pool."""
-        return self.manifest.requirements.memory_mb << 20
+    def __post_init__(self) -> None:
+        self.key = (self.manifest.name, self.manifest.version)
+        self.size_hint = self.manifest.requirements.memory_mb << 20
 
 
 @dataclass(slots=True, eq=False)
-class _Meta:
+class _Call(Pending):
+    """One admitted request: what the batcher needs (rows, arrival), and the rest."""
+
+    inputs: dict[str, np.ndarray]
+    deadline: float | None
     id: str
     sink: Sink
     encoding: Encoding
@@ -463,21 +466,12 @@ class InvocationService:
         # A cold start begins here, not once the batch is formed: the load is under way
         # while the request goes through the batcher.
         self.pool.prefetch(slot.key, size_hint=slot.size_hint)
-        b.submit(
-            Pending(
-                inputs=req.inputs,
-                rows=rows,
-                received=received,
-                deadline=deadline,
-                done=sink.send,
-                meta=_Meta(rid, sink, enc, spilled),
-            )
-        )
+        b.submit(_Call(rows, received, req.inputs, deadline, rid, sink, enc, spilled))
 
-    def _fail_all(self, fid: str, pending: list[Pending], code: ErrorCode, message: str) -> None:
+    def _fail_all(self, fid: str, pending: list[_Call], code: ErrorCode, message: str) -> None:
         """Answer each of ``pending`` with the same error."""
         for p in pending:
-            self._fail(fid, p.meta.sink, p.meta.encoding, p.meta.id, code, message)
+            self._fail(fid, p.sink, p.encoding, p.id, code, message)
 
     def _fail(
         self, fid: str, sink: Sink, enc: Encoding, rid: str, code: ErrorCode, message: str
@@ -488,21 +482,20 @@ class InvocationService:
 
     # -- running batches ------------------------------------------------------------
 
-    def _run_batch_for(self, function_id: str) -> RunBatch:
+    def _run_batch_for(self, function_id: str) -> RunBatch[_Call]:
         return functools.partial(self._run_batch, function_id)
 
-    def _live(self, function_id: str, slot: Slot | None, batch: list[Pending]) -> list[Pending]:
+    def _live(self, function_id: str, slot: Slot | None, batch: list[_Call]) -> list[_Call]:
         """Answer the requests that expired or lost their function; return the rest."""
         now = self._clock()
-        live: list[Pending] = []
+        live: list[_Call] = []
         for p in batch:
-            meta: _Meta = p.meta
             if p.deadline is not None and now > p.deadline:
                 self._fail(
                     function_id,
-                    meta.sink,
-                    meta.encoding,
-                    meta.id,
+                    p.sink,
+                    p.encoding,
+                    p.id,
                     ErrorCode.TIMEOUT,
                     "the deadline passed while the request was queued",
                 )
@@ -519,12 +512,12 @@ class InvocationService:
         return live
 
     @staticmethod
-    def _stack(m: Manifest, live: list[Pending]) -> dict[str, np.ndarray]:
+    def _stack(m: Manifest, live: list[_Call]) -> dict[str, np.ndarray]:
         if len(live) == 1:
             return live[0].inputs
         return {s.name: np.concatenate([p.inputs[s.name] for p in live]) for s in m.inputs}
 
-    def _try_inline(self, function_id: str, batch: list[Pending]) -> bool:
+    def _try_inline(self, function_id: str, batch: list[_Call]) -> bool:
         """Run ``batch`` now, on the loop thread, if that is cheaper than handing it off.
 
         Handing a batch to a worker thread and back costs two GIL hand-offs and
@@ -541,43 +534,46 @@ class InvocationService:
         clock the answer's timing uses, without two more system calls) sends
         the function back to workers until it is measured again. False leaves
         the batch to a worker.
+
+        The executor is taken with ``WarmPool.warm``, not leased: the run ends
+        before the loop runs anything else, so nothing could see the lease.
+        This is the path of most requests on a node that is not busy, and after
+        an idle gap every step of it is slow (each step's code and data have
+        left the CPU's caches): it takes as few steps as it can.
         """
         slot = self._slots.get(function_id)
-        if slot is None or not self._may_inline(slot):
+        if slot is None or not slot.inline or self.inline_run_s <= 0:
             return False
         floor = slot.floor_s
-        rows = batch[0].rows if len(batch) == 1 else sum(p.rows for p in batch)
-        if floor is None or floor * rows > self.inline_run_s:
+        one = len(batch) == 1
+        rows = batch[0].rows if one else sum(p.rows for p in batch)
+        if floor is None or floor * rows > self.inline_run_s or self._gap_s < INLINE_MIN_GAP_S:
             return False
-        if self._gap_s < INLINE_MIN_GAP_S:
-            return False
-        ex = self.pool.try_acquire(slot.key)
+        ex = self.pool.warm(slot.key)
         if ex is None:
             return False
+        if not getattr(ex, "inline_ok", False):
+            slot.inline = False
+            return False
+        live = batch if one and batch[0].deadline is None else self._live(function_id, slot, batch)
+        if not live:
+            return True
+        started = self._clock()
         try:
-            if not getattr(ex, "inline_ok", False):
-                slot.inline = False
-                return False
-            live = self._live(function_id, slot, batch)
-            if live:
-                started = self._clock()
-                try:
-                    outputs = ex.run(self._stack(slot.manifest, live))
-                except Exception as e:  # answered, never raised into the transport
-                    self._crashed(function_id, slot.manifest, live, e)
-                else:
-                    ended = self._clock()
-                    if ended - started > INLINE_GIVE_UP * self.inline_run_s:
-                        # Far dearer than measured: back to workers, which measure it again.
-                        log.debug("%s: a run took %.0f us", function_id, (ended - started) * 1e6)
-                        slot.floor_s = None
-                        slot.calibrations = 0
-                    self._answer(function_id, slot, live, outputs, started, ended, False, True)
-        finally:
-            self.pool.release(ex)
+            outputs = ex.run(live[0].inputs if one else self._stack(slot.manifest, live))
+        except Exception as e:  # answered, never raised into the transport
+            self._crashed(function_id, slot.manifest, live, e)
+            return True
+        ended = self._clock()
+        if ended - started > INLINE_GIVE_UP * self.inline_run_s:
+            # Far dearer than measured: back to workers, which measure it again.
+            log.debug("%s: a run took %.0f us", function_id, (ended - started) * 1e6)
+            slot.floor_s = None
+            slot.calibrations = 0
+        self._answer(function_id, slot, live, outputs, started, ended, False, True)
         return True
 
-    async def _run_batch(self, function_id: str, batch: list[Pending]) -> None:
+    async def _run_batch(self, function_id: str, batch: list[_Call]) -> None:
         slot = self._slots.get(function_id)
         live = self._live(function_id, slot, batch)
         if not live or slot is None:
@@ -604,7 +600,7 @@ class InvocationService:
         self._answer(function_id, slot, live, outputs, started, ended, cold, False)
 
     async def _lease_and_run(
-        self, function_id: str, slot: Slot, live: list[Pending], inputs: dict[str, np.ndarray]
+        self, function_id: str, slot: Slot, live: list[_Call], inputs: dict[str, np.ndarray]
     ) -> tuple[dict[str, np.ndarray], float, float, bool]:
         """Run a batch on a worker under a lease (loading the executor first if it must)."""
         async with self.pool.lease(slot.key, size_hint=slot.size_hint) as (
@@ -652,7 +648,7 @@ class InvocationService:
             and slot.since_calibration >= RECALIBRATE_EVERY
         )
 
-    def _crashed(self, function_id: str, m: Manifest, live: list[Pending], e: Exception) -> None:
+    def _crashed(self, function_id: str, m: Manifest, live: list[_Call], e: Exception) -> None:
         if isinstance(e, MeshError):
             log.warning("%s@%s failed: %s", m.name, m.version, e)
             why = str(e)
@@ -667,7 +663,7 @@ class InvocationService:
         self,
         function_id: str,
         slot: Slot,
-        live: list[Pending],
+        live: list[_Call],
         outputs: dict[str, np.ndarray],
         started: float,
         ended: float,
@@ -680,12 +676,11 @@ class InvocationService:
         one = len(live) == 1
         offset = 0
         for p in live:
-            meta = p.meta
             mine = outputs if one else {k: v[offset : offset + p.rows] for k, v in outputs.items()}
             offset += p.rows
-            meta.sink.send(
+            p.sink.send(
                 Response(
-                    id=meta.id,
+                    id=p.id,
                     version=m.version,
                     outputs=mine,
                     node=self.node,
@@ -693,10 +688,10 @@ class InvocationService:
                         queue_ms=(started - p.received) * 1000.0,
                         run_ms=run_ms,
                         cold_start=cold,
-                        spilled=meta.spilled,
+                        spilled=p.spilled,
                     ),
                 ),
-                meta.encoding,
+                p.encoding,
             )
         self._after(self._account, function_id, slot, offset, len(live), run_ms, cold, inline)
 

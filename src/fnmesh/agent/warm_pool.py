@@ -323,12 +323,20 @@ class WarmPool:
         riders = self._riders.get(key)
         return riders.add(fn) if riders is not None else None
 
-    def try_acquire(self, key: PoolKey) -> Executor | None:
-        """Lease ``key`` only if it is loaded (never waits); pair with ``release``."""
-        if self._closed:
-            return None
+    def warm(self, key: PoolKey) -> Executor | None:
+        """The loaded executor for ``key`` (never waits), or None, for a caller on the
+        loop thread that is done with it before the loop runs anything else.
+
+        Counts as a use (for least-recently-used eviction and the idle TTL), not
+        as a lease: nothing on the loop can unload it meanwhile, so none is needed.
+        """
         entry = self._entries.get(key)
-        return self._lease(entry, False) if entry is not None else None
+        if entry is None or self._closed:
+            return None
+        entry.last_used = self._clock()
+        self._entries.move_to_end(key)
+        self._hits += 1
+        return entry.executor
 
     def _lease(self, entry: _Entry, cold: bool) -> Executor:
         entry.refs += 1
