@@ -44,6 +44,8 @@ _NATIVE_DTYPE = {name: np.dtype(name) for name in DTYPES}
 _NAME_OF_DTYPE = {
     np.dtype(name).newbyteorder(order): name for name in DTYPES for order in ("<", ">")
 }
+#: Dtypes whose bytes in memory are already the wire's (little endian, or one byte).
+_SENT_AS_IS = frozenset(d for d in _NAME_OF_DTYPE if d == d.newbyteorder("<"))
 _FLOATS = frozenset(("float16", "float32", "float64"))
 _INT_RANGE = {
     name: (int(np.iinfo(name).min), int(np.iinfo(name).max))
@@ -125,8 +127,9 @@ def encode_tensor(
         )
     shape = list(arr.shape)
     if encoding is _MSGPACK:
-        # tobytes() writes C order whatever the memory layout; astype only copies if big endian.
-        data: Any = arr.astype(_WIRE_DTYPE[dtype], copy=False).tobytes()
+        # tobytes() writes C order whatever the memory layout; byte-swapped only if need be.
+        dt = arr.dtype
+        data: Any = arr.tobytes() if dt in _SENT_AS_IS else arr.astype(_WIRE_DTYPE[dtype]).tobytes()
     else:
         flat = arr.ravel()
         data = flat.tolist()
@@ -222,7 +225,7 @@ def _from_bytes(
     if dtype == "bool" and count and np.frombuffer(data, np.uint8).max() > 1:
         raise MessageError(f"{_label(where)}: bool data must be bytes 0 or 1")
     # A view of immutable bytes: read-only and not copied.
-    arr = np.frombuffer(data, wire).reshape(shape)
+    arr = np.ndarray(shape, wire, data)
     if not _LITTLE:
         arr = arr.astype(_NATIVE_DTYPE[dtype])
         arr.flags.writeable = False
