@@ -136,3 +136,16 @@ def test_caching_matcher_matches_like_paho_and_forgets_on_change() -> None:
     del ours["a/#"], theirs["a/#"]
     same()
     assert list(ours.iter_match("a/b")) == []
+
+
+@pytest.mark.parametrize("correlation", [None, b"", b"\x00\x01corr"])
+def test_reply_properties_pack_as_paho_would(correlation: bytes | None) -> None:
+    from fnmesh.agent.mqtt import reply_properties
+
+    values: dict[str, Any] = {"ContentType": "application/msgpack"}
+    if correlation is not None:
+        values["CorrelationData"] = correlation
+    made = reply_properties("application/msgpack", correlation)
+    assert made.pack() == ORIGINALS["pack"](_original(PacketTypes.PUBLISH, values))
+    assert made.ContentType == "application/msgpack"
+    assert getattr(made, "CorrelationData", None) == correlation

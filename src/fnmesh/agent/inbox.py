@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import paho.mqtt.client as mqtt
 
 from fnmesh.agent.metrics import AgentMetrics
-from fnmesh.agent.mqtt import MqttClient, properties
+from fnmesh.agent.mqtt import MqttClient, properties, reply_properties
 from fnmesh.agent.replies import Result, encode_result
 from fnmesh.agent.service import InvocationService
 from fnmesh.functions.messages import (
@@ -90,7 +90,7 @@ class MqttSink:
 
     def send_encoded(self, payload: bytes, encoding: Encoding) -> None:
         assert self.topic is not None
-        props = properties(content_type=encoding.content_type, correlation=self._correlation)
+        props = reply_properties(encoding.content_type, self._correlation)
         self._inbox.client.publish(self.topic, payload, self._qos, False, props)
 
 

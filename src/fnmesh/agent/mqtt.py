@@ -99,6 +99,21 @@ def properties(
     return p
 
 
+def reply_properties(content_type: str, correlation: bytes | None) -> Properties:
+    """An answer's properties: its ContentType, and the request's CorrelationData if any.
+
+    What :func:`properties` makes, without checking each name and value again
+    (both are known good here): an agent sends one for every answer.
+    """
+    p = Properties(PacketTypes.PUBLISH)
+    # The fast Properties (mqtt_speedups) keep each property under its compressed name.
+    d = p.__dict__
+    d["ContentType"] = content_type
+    if correlation is not None:
+        d["CorrelationData"] = correlation
+    return p
+
+
 class _CachingMatcher(MQTTMatcher):
     """paho's filter tree, remembering which values each topic matched.
 
