@@ -711,3 +711,40 @@ def test_validate_accepts_what_the_wire_decodes() -> None:
     payload = encode_request({"image": f32(4, 64), "mask": u8(4, 8)}, Encoding.MSGPACK)
     assert validate_inputs(decode_request(payload), TWO, max_batch=4) == 4
     assert MAX_ELEMENTS == 2**31
+
+
+@pytest.mark.parametrize(
+    "arr",
+    [
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.asfortranarray(np.arange(12, dtype=np.float64).reshape(3, 4)),
+        np.arange(6, dtype=">i4").reshape(2, 3),
+        np.arange(10, dtype=np.uint8)[::3],
+        np.array([True, False]),
+        np.zeros((0, 5), np.float16),
+        np.array(7, dtype=np.int64),
+    ],
+    ids=["f32", "f64-fortran", "i32-big-endian", "u8-strided", "bool", "empty", "0-d"],
+)
+@pytest.mark.parametrize("encoding", [Encoding.MSGPACK, Encoding.JSON])
+def test_response_bytes_are_those_of_each_tensor_encoded_alone(
+    arr: np.ndarray, encoding: Encoding
+) -> None:
+    """encode_response writes common arrays itself: the bytes must be encode_tensor's."""
+    resp = Response("r", "1.0.0", {"y": arr}, "n", Timing(0.5, 0.25, False, True))
+    got = encode_response(resp, encoding)
+    want_obj = {
+        "id": "r",
+        "version": "1.0.0",
+        "outputs": {"y": encode_tensor(arr, encoding, name="y")},
+        "node": "n",
+        "timing": {"queue_ms": 0.5, "run_ms": 0.25, "cold_start": False, "spilled": True},
+    }
+    if encoding is Encoding.MSGPACK:
+        assert got == msgpack.packb(want_obj, use_bin_type=True)
+    else:
+        assert json.loads(got) == want_obj
+    back = decode_reply(got, encoding.content_type)
+    assert isinstance(back, Response)
+    np.testing.assert_array_equal(back.outputs["y"], arr)
+    assert back.outputs["y"].shape == arr.shape

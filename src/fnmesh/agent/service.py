@@ -421,7 +421,14 @@ class InvocationService:
             return
         m = slot.manifest
         # Callers send the same shapes again and again: a signature checked once is known.
-        signature = tuple((name, a.dtype, a.shape) for name, a in req.inputs.items())
+        inputs = req.inputs
+        if len(inputs) == 1:  # most functions: no generator to run
+            ((name, a),) = inputs.items()
+            signature: tuple[tuple[str, np.dtype[Any], tuple[int, ...]], ...] = (
+                (name, a.dtype, a.shape),
+            )
+        else:
+            signature = tuple((name, a.dtype, a.shape) for name, a in inputs.items())
         rows = slot.checked.get(signature)
         if rows is None:
             try:
