@@ -181,6 +181,26 @@ def test_gpus_read_through_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [g["utilisation_percent"] for g in u["gpus"]] == [42, 42]
 
 
+def test_missing_nvml_is_looked_for_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every heartbeat asks for GPUs; a library that is not installed is not searched again."""
+    monkeypatch.delitem(sys.modules, "pynvml", raising=False)
+    monkeypatch.setattr(probe_mod, "_nvml_missing", None)
+    tries: list[str] = []
+
+    def no_such_module(name: str) -> object:
+        tries.append(name)
+        raise ModuleNotFoundError(f"No module named {name!r}")
+
+    monkeypatch.setattr(probe_mod.importlib, "import_module", no_such_module)
+    for _ in range(3):
+        gpus, reason = probe_mod._gpus()
+        assert gpus == () and reason == "nvidia-ml-py is not installed (ModuleNotFoundError)"
+    assert tries == ["pynvml"]
+    # Installed later (a module put in place, as a test does): it is used.
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml())
+    assert len(probe_mod._gpus()[0]) == 2
+
+
 def test_gpu_without_utilisation_reading(monkeypatch: pytest.MonkeyPatch) -> None:
     """NVML faked (no NVIDIA GPU on this machine): MIG slices do not report utilisation."""
     monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(util_fails=True))

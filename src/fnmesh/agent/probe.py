@@ -13,6 +13,7 @@ import importlib
 import logging
 import os
 import platform
+import sys
 from dataclasses import asdict, dataclass
 from types import ModuleType
 from typing import Any
@@ -249,12 +250,31 @@ def _cgroup_memory_limit_mib(
     return None
 
 
+#: Why nvidia-ml-py could not be imported, once known. Python does not remember a failed
+#: import, and every heartbeat asks (about 60 us of the event loop's time each).
+_nvml_missing: str | None = None
+
+
+def _import_nvml() -> tuple[Any, str]:
+    """The ``pynvml`` module, or None and why not."""
+    global _nvml_missing
+    module = sys.modules.get("pynvml")
+    if module is not None:
+        return module, ""
+    if _nvml_missing is not None:
+        return None, _nvml_missing
+    try:
+        return importlib.import_module("pynvml"), ""
+    except Exception as e:
+        _nvml_missing = f"nvidia-ml-py is not installed ({type(e).__name__})"
+        return None, _nvml_missing
+
+
 def _gpus() -> tuple[tuple[GpuInfo, ...], str]:
     """NVIDIA GPUs via NVML, or () with the reason there are none."""
-    try:
-        pynvml = importlib.import_module("pynvml")
-    except Exception as e:
-        return (), f"nvidia-ml-py is not installed ({type(e).__name__})"
+    pynvml, missing = _import_nvml()
+    if pynvml is None:
+        return (), missing
     try:
         pynvml.nvmlInit()
     except Exception as e:
