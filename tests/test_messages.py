@@ -748,3 +748,32 @@ def test_response_bytes_are_those_of_each_tensor_encoded_alone(
     assert isinstance(back, Response)
     np.testing.assert_array_equal(back.outputs["y"], arr)
     assert back.outputs["y"].shape == arr.shape
+
+
+@pytest.mark.parametrize(
+    ("tensor", "says"),
+    [
+        ({"dtype": "float32", "shape": [0, 2**40], "data": b""}, "dimension"),
+        ({"dtype": "float32", "shape": [1] * 9, "data": b"\0" * 4}, "rank 9"),
+        ({"dtype": "float32", "shape": [True, 4], "data": b"\0" * 16}, "non-negative integers"),
+        ({"dtype": "float32", "shape": [-1, 4], "data": b"\0" * 16}, "non-negative integers"),
+        ({"dtype": "float32", "shape": [2, 2], "data": b"\0" * 15}, "needs 16"),
+        ({"dtype": "float32", "shape": [2, 2], "data": "x" * 16}, "must be bin"),
+        ({"dtype": "bool", "shape": [2], "data": b"\x00\x02"}, "bytes 0 or 1"),
+        ({"dtype": "float128", "shape": [1], "data": b"\0" * 16}, "is not one of"),
+        ({"dtype": "float32", "shape": [1], "dat": b"\0" * 4}, "missing 'data'"),
+    ],
+)
+def test_msgpack_tensors_that_fail_any_check_are_refused_by_name(
+    tensor: dict[str, Any], says: str
+) -> None:
+    """Each way a msgpack tensor can be wrong is refused, with a message naming it."""
+    with pytest.raises(MessageError, match=says):
+        decode_tensor(tensor, Encoding.MSGPACK, name="image")
+
+
+def test_well_formed_msgpack_tensor_is_a_read_only_view_of_its_bytes() -> None:
+    data = np.arange(6, dtype="<f4").tobytes()
+    arr = decode_tensor({"dtype": "float32", "shape": [2, 3], "data": data}, Encoding.MSGPACK)
+    assert arr.shape == (2, 3) and arr.dtype == np.float32 and not arr.flags.writeable
+    np.testing.assert_array_equal(arr.ravel(), np.arange(6, dtype=np.float32))
