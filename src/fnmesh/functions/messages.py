@@ -23,7 +23,6 @@ import numpy as np
 from fnmesh.functions.errors import MessageError
 from fnmesh.functions.manifest import TensorSpec
 from fnmesh.functions.tensors import (
-    SENT_AS_IS,
     Encoding,
     decode_tensor,
     detect_encoding,
@@ -61,9 +60,6 @@ _INT64 = (-(2**63), 2**63 - 1)
 # Looked up once: an enum member read through its class costs a few microseconds on
 # cold caches, and every message compares its encoding.
 _JSON = Encoding.JSON
-#: dtype -> wire name, for dtypes whose bytes in memory are the wire's (see tensors.py).
-_SENT_AS_IS = {d: dtype_name(d) for d in SENT_AS_IS}
-_NONE: dict[np.dtype[Any], str] = {}
 #: Per thread: a reusable msgpack packer.
 _local = threading.local()
 
@@ -336,15 +332,8 @@ def encode_response(resp: Response, encoding: Encoding) -> bytes:
     """A response's bytes. Raises :class:`MessageError` for an output dtype the wire lacks."""
     t = resp.timing
     outputs = {}
-    as_is = _SENT_AS_IS if encoding is not _JSON else _NONE
     for name, arr in resp.outputs.items():  # a loop, not a comprehension: one call fewer
-        wire_name = as_is.get(arr.dtype)
-        if wire_name is not None:
-            # What encode_tensor does for these, without the call: an answer's arrays
-            # are nearly always of this kind (C order on the wire whatever the layout).
-            outputs[name] = {"dtype": wire_name, "shape": list(arr.shape), "data": arr.tobytes()}
-        else:
-            outputs[name] = encode_tensor(arr, encoding, name=name)
+        outputs[name] = encode_tensor(arr, encoding, name=name)
     obj = {
         "id": resp.id,
         "version": resp.version,

@@ -45,7 +45,7 @@ _NAME_OF_DTYPE = {
     np.dtype(name).newbyteorder(order): name for name in DTYPES for order in ("<", ">")
 }
 #: Dtypes whose bytes in memory are already the wire's (little endian, or one byte).
-SENT_AS_IS = frozenset(d for d in _NAME_OF_DTYPE if d == d.newbyteorder("<"))
+_SENT_AS_IS = frozenset(d for d in _NAME_OF_DTYPE if d == d.newbyteorder("<"))
 _FLOATS = frozenset(("float16", "float32", "float64"))
 _INT_RANGE = {
     name: (int(np.iinfo(name).min), int(np.iinfo(name).max))
@@ -129,7 +129,7 @@ def encode_tensor(
     if encoding is _MSGPACK:
         # tobytes() writes C order whatever the memory layout; byte-swapped only if need be.
         dt = arr.dtype
-        data: Any = arr.tobytes() if dt in SENT_AS_IS else arr.astype(_WIRE_DTYPE[dtype]).tobytes()
+        data: Any = arr.tobytes() if dt in _SENT_AS_IS else arr.astype(_WIRE_DTYPE[dtype]).tobytes()
     else:
         flat = arr.ravel()
         data = flat.tolist()
@@ -149,9 +149,9 @@ def decode_tensor(
 
     ``kind`` and ``name`` label the tensor in error messages ("input 'image': ...").
     """
-    if type(obj) is not dict:
-        raise MessageError(f"{kind} {name!r}: must be a map with dtype, shape and data")
     where = (kind, name)
+    if type(obj) is not dict:
+        raise MessageError(f"{_label(where)}: must be a map with dtype, shape and data")
     if obj.keys() != _TENSOR_KEYS:
         missing = sorted(_TENSOR_KEYS - obj.keys())
         if missing:
