@@ -421,14 +421,7 @@ class InvocationService:
             return
         m = slot.manifest
         # Callers send the same shapes again and again: a signature checked once is known.
-        inputs = req.inputs
-        if len(inputs) == 1:  # most functions: no generator to run
-            ((name, a),) = inputs.items()
-            signature: tuple[tuple[str, np.dtype[Any], tuple[int, ...]], ...] = (
-                (name, a.dtype, a.shape),
-            )
-        else:
-            signature = tuple((name, a.dtype, a.shape) for name, a in inputs.items())
+        signature = tuple((name, a.dtype, a.shape) for name, a in req.inputs.items())
         rows = slot.checked.get(signature)
         if rows is None:
             try:
@@ -549,7 +542,7 @@ class InvocationService:
         left the CPU's caches): it takes as few steps as it can.
         """
         slot = self._slots.get(function_id)
-        if slot is None or not slot.inline or self.inline_run_s <= 0:
+        if slot is None or not self._may_inline(slot):
             return False
         floor = slot.floor_s
         one = len(batch) == 1
@@ -567,7 +560,7 @@ class InvocationService:
             return True
         started = self._clock()
         try:
-            outputs = ex.run(live[0].inputs if one else self._stack(slot.manifest, live))
+            outputs = ex.run(self._stack(slot.manifest, live))
         except Exception as e:  # answered, never raised into the transport
             self._crashed(function_id, slot.manifest, live, e)
             return True

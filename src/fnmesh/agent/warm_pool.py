@@ -333,15 +333,16 @@ class WarmPool:
         entry = self._entries.get(key)
         if entry is None or self._closed:
             return None
-        entry.last_used = self._clock()
-        self._entries.move_to_end(key)
-        self._hits += 1
-        return entry.executor
+        return self._use(entry, False)
 
     def _lease(self, entry: _Entry, cold: bool) -> Executor:
         entry.refs += 1
         self._in_use += 1
         self._idle.clear()
+        return self._use(entry, cold)
+
+    def _use(self, entry: _Entry, cold: bool) -> Executor:
+        """Mark ``entry`` as just used (LRU order, idle time, hit or miss)."""
         entry.last_used = self._clock()
         self._entries.move_to_end(entry.key)
         if cold:
